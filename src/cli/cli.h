@@ -1,0 +1,26 @@
+/* cli: the strata command line. The only place that prints to stdout for the user and that exits. */
+#ifndef STRATA_CLI_H
+#define STRATA_CLI_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+/* Each subcommand: argv[0] is the subcommand name; returns the process exit status. */
+int cmd_run(int argc, char **argv);
+int cmd_verify(int argc, char **argv);
+int cmd_convert(int argc, char **argv);
+int cmd_tokenize(int argc, char **argv);
+int cmd_template(int argc, char **argv);
+
+/* Shared argument helpers: print "strata CMD: --opt: reason" to stderr and return -1 on a bad value. */
+int cli_int(const char *cmd, const char *opt, const char *s, long lo, long hi, long *out);
+int cli_float(const char *cmd, const char *opt, const char *s, double lo, double hi, double *out);
+/* Parses "1,2,3" into a malloc'd array. */
+int cli_ids(const char *cmd, const char *opt, const char *s, int32_t **ids, int *n);
+/* The bundled default model directory: ./models/kjv-qwen3-21m-8bit, next to the binary (../models), or the
+ * installed copy (/usr/local/share/strata/models). */
+const char *cli_default_model(void);
+/* Returns the value after option argv[*i] (advancing *i) or prints an error and returns NULL. */
+const char *cli_value(const char *cmd, int argc, char **argv, int *i);
+
+#endif
