@@ -17,7 +17,7 @@ PKGS     := libmicrohttpd jansson libpcre2-8 libutf8proc libxxhash
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lmicrohttpd -ljansson -lpcre2-8 -lutf8proc -lxxhash)
 
-WARN     := -Wall -Wextra -Wshadow -Wno-unused-parameter -Wno-missing-field-initializers -Wvla
+WARN     := -Wall -Wextra -Wshadow -Wno-unused-parameter -Wno-missing-field-initializers -Wvla -Wno-format-truncation
 ifeq ($(WERROR),1)
 WARN     += -Werror
 endif

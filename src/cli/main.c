@@ -21,6 +21,7 @@ static const struct command commands[] = {
     {"run", cmd_run, "generate from a prompt (text, chat or token ids)"},
     {"tokenize", cmd_tokenize, "text -> token ids (or ids -> text with --decode)"},
     {"template", cmd_template, "render the model's chat template for a message list"},
+    {"worker", cmd_worker, "serve one pipeline stage for a coordinator"},
     {"verify", cmd_verify, "print the weight manifest (XXH3-128 per tensor)"},
     {"convert", cmd_convert, "quantize bf16 safetensors to MLX affine 8/4-bit"},
 };

@@ -91,7 +91,16 @@ AVX2 static void avx2_silu_mul(float *out, const float *gate, const float *up, i
         __m256 s = _mm256_div_ps(g, _mm256_add_ps(one, e));
         _mm256_storeu_ps(out + i, _mm256_mul_ps(s, _mm256_loadu_ps(up + i)));
     }
-    for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+    if (i < n) { /* the tail through the same vector code, so an element's result never depends on n */
+        float g8[8] = {0}, u8[8] = {0}, o8[8];
+        int64_t m = n - i;
+        memcpy(g8, gate + i, sizeof(float) * (size_t)m);
+        memcpy(u8, up + i, sizeof(float) * (size_t)m);
+        __m256 g = _mm256_loadu_ps(g8);
+        __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        _mm256_storeu_ps(o8, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(u8)));
+        memcpy(out + i, o8, sizeof(float) * (size_t)m);
+    }
 }
 
 AVX2 static inline __m256 load_bf16x8(const uint16_t *p)
