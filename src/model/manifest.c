@@ -64,6 +64,46 @@ int manifest_build(struct manifest *mf, const struct model *m, char *err)
     return ST_OK;
 }
 
+static int manifest_append(struct manifest *mf, const struct manifest *part, char *err)
+{
+    struct manifest_entry *e = realloc(mf->entries, sizeof(*e) * (size_t)(mf->n + part->n + 1));
+    if (!e) return err_set(err, ST_ENOMEM, "manifest: out of memory");
+    mf->entries = e;
+    for (int i = 0; i < part->n; i++) {
+        e[mf->n] = part->entries[i];
+        e[mf->n].name = st_strdup(part->entries[i].name);
+        if (!e[mf->n].name) return err_set(err, ST_ENOMEM, "manifest: out of memory");
+        mf->n++;
+    }
+    mf->config_hi = part->config_hi;
+    mf->config_lo = part->config_lo;
+    return ST_OK;
+}
+
+int manifest_build_random(struct manifest *mf, const struct model_config *cfg, int bits, uint64_t seed, char *err)
+{
+    memset(mf, 0, sizeof(*mf));
+    int rc = ST_OK;
+    /* pieces: the embedding and head alone, then each layer alone */
+    for (int l = -1; l < cfg->n_layers && rc == 0; l++) {
+        struct model m;
+        struct manifest part;
+        bool ends = l < 0;
+        if ((rc = model_init_random(&m, cfg, bits, seed, ends ? 0 : l, ends ? 0 : l + 1, ends, ends, err)) < 0) break;
+        rc = manifest_build(&part, &m, err);
+        model_free(&m);
+        if (rc < 0) break;
+        rc = manifest_append(mf, &part, err);
+        manifest_free(&part);
+    }
+    if (rc < 0) {
+        manifest_free(mf);
+        return rc;
+    }
+    qsort(mf->entries, (size_t)mf->n, sizeof(*mf->entries), entry_cmp);
+    return ST_OK;
+}
+
 char *manifest_to_json(const struct manifest *mf)
 {
     json_t *root = json_object(), *tensors = json_object();

@@ -214,6 +214,9 @@ struct manifest {
 };
 /* Hashes every tensor the model holds (scales and biases are entries of their own). */
 int manifest_build(struct manifest *mf, const struct model *m, char *err);
+/* The manifest of the whole generated model (model_init_random with the same arguments), built one layer at a
+ * time so that memory stays near one layer. */
+int manifest_build_random(struct manifest *mf, const struct model_config *cfg, int bits, uint64_t seed, char *err);
 /* Writes JSON text into a malloc'd string. */
 char *manifest_to_json(const struct manifest *mf);
 /* Compares `got` (a node's) against `want` (the coordinator's) for the tensors got has; on a mismatch writes
