@@ -241,6 +241,65 @@ static void test_split_bf16(void) { split_matches_single("models/kjv-qwen3-21m",
 static void test_split_q8(void) { split_matches_single("models/kjv-qwen3-21m-8bit", "goldens/kjv-qwen3.goldens.json", "q8"); }
 static void test_split_q4(void) { split_matches_single("models/kjv-qwen3-21m-4bit", "goldens/kjv-qwen3.goldens.json", "q4"); }
 
+/* Workers without a copy of the model get their slice from the coordinator once and keep it in their cache. */
+static void test_weights_sent(void)
+{
+    char err[ST_ERR_LEN];
+    char cache[] = "/tmp/strata-cache-XXXXXX";
+    REQUIRE(mkdtemp(cache) != NULL);
+    struct prompt_set ps;
+    load_prompts("goldens/kjv-qwen3.goldens.json", "q8", &ps);
+    REQUIRE(ps.n > 3);
+    int n_all = ps.n;
+    ps.n = 3;
+    struct model m;
+    REQUIRE(model_load(&m, fixture_path("models/kjv-qwen3-21m-8bit"), 0, -1, true, true, err) == 0);
+    struct manifest mf;
+    REQUIRE(manifest_build(&mf, &m, err) == 0);
+    struct engine *e = NULL;
+    struct runner *r = NULL;
+    struct executor *x = NULL;
+    struct engine_opts eo = {.n_slots = 4, .n_ctx = 256, .max_batch = 64, .max_logits = 4};
+    eo.backend.n_threads = 1;
+    REQUIRE(engine_init(&e, &m, &eo, err) == 0);
+    REQUIRE(runner_init(&r, e, err) == 0);
+    REQUIRE(executor_local_init(&x, r, err) == 0);
+    static struct out single[16], split[16];
+    run_all(x, &m.cfg, &ps, single);
+    x->ops->free(x);
+    runner_free(r);
+    engine_free(e);
+    for (int round = 0; round < 2; round++) {
+        struct worker *w[2];
+        char addr[2][64];
+        for (int i = 0; i < 2; i++) {
+            struct worker_opts wo = {.host = "127.0.0.1", .name = i ? "far-b" : "far-a", .cache_dir = cache, .n_threads = 1};
+            REQUIRE_MSG(worker_start(&w[i], &wo, err) == 0, "%s", err);
+            snprintf(addr[i], sizeof(addr[i]), "127.0.0.1:%d", worker_port(w[i]));
+        }
+        struct pipeline_opts po = {.model_dir = fixture_path("models/kjv-qwen3-21m-8bit"), .cfg = &m.cfg, .n_workers = 2,
+                                   .send_weights = true, .n_slots = 4, .n_ctx = 256, .max_batch = 64, .n_threads = 1};
+        po.worker_addr[0] = addr[0];
+        po.worker_addr[1] = addr[1];
+        int rc = pipeline_init(&x, &po, &mf, err);
+        CHECK_MSG(rc == 0, "round %d: %s", round, err);
+        if (rc == 0) {
+            run_all(x, &m.cfg, &ps, split);
+            compare(&ps, single, split, "weights sent by the coordinator");
+            x->ops->free(x);
+        }
+        for (int i = 0; i < 2; i++) worker_stop(w[i]);
+    }
+    /* two slices in the cache, each a model directory */
+    char cmd[1200];
+    snprintf(cmd, sizeof(cmd), "test $(ls -d %s/*/ | wc -l) -eq 2 && ls %s/*/model.safetensors >/dev/null && rm -rf %s", cache, cache, cache);
+    CHECK(system(cmd) == 0);
+    manifest_free(&mf);
+    model_free(&m);
+    ps.n = n_all;
+    free_prompts(&ps);
+}
+
 static int copy_file(const char *from, const char *to)
 {
     char *data;
@@ -413,6 +472,7 @@ int main(void)
     RUN(test_split_bf16);
     RUN(test_split_q8);
     RUN(test_split_q4);
+    RUN(test_weights_sent);
     RUN(test_mismatch_refused);
     RUN(test_worker_lost_and_back);
     RUN(test_secret_required);

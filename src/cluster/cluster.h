@@ -10,6 +10,10 @@
  * Weight identity: each worker hashes the tensors it loaded (manifest) and the coordinator compares them with
  * its own; a mismatch refuses the worker with a message naming node, tensor and both hashes.
  *
+ * Weights: a worker loads its layers from its own model directory (-m), from the coordinator's path when that
+ * exists on the worker (one machine, shared storage), or else from a copy of exactly its slice that the
+ * coordinator sends once (WEIGHTS_CHUNK messages) and the worker keeps in its cache directory.
+ *
  * Failure: a lost or silent stage (no bytes for dead_ms despite pings) fails the batches in flight with a clear
  * error; the executor reports itself degraded; it keeps trying to reconnect and re-forms the pipeline (reload +
  * re-verify) when every stage answers again.
@@ -64,6 +68,7 @@ struct load_spec {
     char next_host[256];       /* next stage's address (empty for the last stage) */
     int next_port;
     uint64_t epoch;            /* pipeline generation: batches of an older epoch are refused */
+    char slice_id[40];         /* LOAD_DIR: id of this stage's weights, for a copy sent by the coordinator */
 };
 
 /* ---- placement ---- */
@@ -84,7 +89,8 @@ struct worker_opts {
     const char *host;          /* bind address (default 127.0.0.1) */
     int port;                  /* 0: ephemeral */
     const char *name;
-    const char *model_dir;     /* NULL: use the coordinator's path */
+    const char *model_dir;     /* NULL: use the coordinator's path, else a copy of the slice in cache_dir */
+    const char *cache_dir;     /* where slices sent by the coordinator are kept (NULL: ~/.cache/strata) */
     const void *secret;
     size_t secret_bytes;
     enum backend_kind kind;
@@ -98,6 +104,11 @@ int worker_port(const struct worker *w);
 /* Stops and frees (closes every connection). */
 void worker_stop(struct worker *w);
 
+/* The id of the weights of a layer range: XXH3-64 over the range's tensor names and hashes and the config hash,
+ * as 16 hex digits. Fills *held_mf (when not NULL) with the range's manifest. */
+int slice_id_compute(const struct manifest *full, const char *model_dir, int layer_begin, int layer_end, bool first,
+                     bool last, char id[40], char *err);
+
 /* ---- coordinator: the pipeline executor ---- */
 struct pipeline_opts {
     const char *model_dir;       /* coordinator's copy (manifest, tokenizer); NULL with random weights */
@@ -108,6 +119,7 @@ struct pipeline_opts {
     int n_workers;
     const char *worker_addr[CLUSTER_MAX_STAGES]; /* "host:port" */
     bool coordinator_stage;      /* run a stage in this process (first in the chain) */
+    bool send_weights;           /* never offer our model path: workers without -m get their slice sent */
     const char *layers;          /* manual placement "a-b,c-d,..." or NULL for auto */
     int n_slots, n_ctx, max_batch;
     const char *device;          /* device for every stage (workers may override with their own flags) */

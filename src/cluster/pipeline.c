@@ -27,6 +27,7 @@ struct pstage {
     bool reader_running;
     struct node_info info;
     struct stage_plan plan;
+    struct load_spec load; /* what the stage was last asked to load (config_json not kept) */
     bool connected, verified;
     char error[256];
     double compute_s;
@@ -314,7 +315,7 @@ static int form(struct pipeline *p, char *err)
         struct load_spec ls;
         memset(&ls, 0, sizeof(ls));
         ls.source = p->config_json ? LOAD_RANDOM : LOAD_DIR;
-        snprintf(ls.model_dir, sizeof(ls.model_dir), "%s", p->model_dir);
+        if (!p->o.send_weights) snprintf(ls.model_dir, sizeof(ls.model_dir), "%s", p->model_dir);
         ls.config_json = p->config_json;
         ls.bits = p->o.random_bits;
         ls.seed = p->o.random_seed;
@@ -333,6 +334,11 @@ static int form(struct pipeline *p, char *err)
             ls.next_port = p->st[i + 1].port;
         }
         ls.epoch = epoch;
+        if (!p->config_json && (rc = slice_id_compute(p->mf, p->model_dir, ls.layer_begin, ls.layer_end, ls.first,
+                                                      ls.last, ls.slice_id, err)) < 0)
+            goto fail;
+        s->load = ls;
+        s->load.config_json = NULL;
         net_buf_reset(&p->formbuf);
         proto_put_load(&p->formbuf, &ls);
         if ((rc = net_buf_check(&p->formbuf, err)) < 0 ||
@@ -354,6 +360,26 @@ static int form(struct pipeline *p, char *err)
         }
         free(data);
         data = NULL;
+        if (status == ST_ENOTFOUND && s->load.slice_id[0]) {
+            /* the worker has no copy: send it its slice once, then load again */
+            manifest_free(&got);
+            if ((rc = slice_send(s->c, p->model_dir, s->load.layer_begin, s->load.layer_end, s->load.first,
+                                 s->load.last, s->load.slice_id, p->o.load_timeout_ms, err)) < 0) {
+                err_prefix(err, rc, "sending weights to stage %d (%s)", i, s->addr);
+                goto fail;
+            }
+            net_buf_reset(&p->formbuf);
+            proto_put_load(&p->formbuf, &s->load);
+            if ((rc = net_buf_check(&p->formbuf, err)) < 0 ||
+                (rc = net_send(s->c, NET_MSG_LOAD, 0, epoch, p->formbuf.data, p->formbuf.len, p->o.connect_timeout_ms, err)) < 0 ||
+                (rc = recv_reply(s, NET_MSG_LOAD_DONE, &data, &len, p->o.load_timeout_ms, err)) < 0 ||
+                (rc = proto_get_load_done(data, len, &status, text, sizeof(text), &got, err)) < 0) {
+                err_prefix(err, rc, "stage %d (%s)", i, s->addr);
+                goto fail;
+            }
+            free(data);
+            data = NULL;
+        }
         if (status < 0) {
             rc = err_set(err, status, "node %s (%s): load of layers %d-%d failed: %s", s->info.name, s->addr,
                          s->plan.layer_begin, s->plan.layer_end - 1, text);

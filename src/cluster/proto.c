@@ -248,6 +248,7 @@ void proto_put_load(struct net_buf *o, const struct load_spec *s)
     net_buf_put_str(o, s->next_host);
     net_buf_put_i32(o, s->next_port);
     net_buf_put_u64(o, s->epoch);
+    net_buf_put_str(o, s->slice_id);
 }
 
 int proto_get_load(const uint8_t *data, size_t len, struct load_spec *s, char *err)
@@ -274,9 +275,12 @@ int proto_get_load(const uint8_t *data, size_t len, struct load_spec *s, char *e
     net_reader_get_str(&r, s->next_host, sizeof(s->next_host), "next_host");
     s->next_port = net_reader_get_i32(&r, "next_port");
     s->epoch = net_reader_get_u64(&r, "epoch");
+    net_reader_get_str(&r, s->slice_id, sizeof(s->slice_id), "slice_id");
     int rc = net_reader_end(&r, err);
     if (rc < 0) return rc;
     if (src >= LOAD_SOURCE_COUNT) return err_set(err, ST_EFORMAT, "load: unknown source %u", src);
+    for (const char *c = s->slice_id; *c; c++)
+        if (!((*c >= '0' && *c <= '9') || (*c >= 'a' && *c <= 'f'))) return err_set(err, ST_EFORMAT, "load: bad slice id");
     s->source = (enum load_source)src;
     if (s->n_slots < 1 || s->n_slots > 4096 || s->n_ctx < 1 || s->n_ctx > (1 << 22) || s->max_batch < 1 ||
         s->max_batch > 65536 || s->max_logits < 1 || s->max_logits > s->max_batch || s->layer_begin < 0 ||

@@ -63,4 +63,20 @@ void proto_put_load_done(struct net_buf *out, int status, const char *err_text, 
 int proto_get_load_done(const uint8_t *data, size_t len, int *status, char *err_text, size_t err_cap,
                         struct manifest *mf, char *err);
 
+/* ---- weight slices (slice.c) ---- */
+struct slice_rx {
+    bool active;
+    int fd;
+    char partial[1100], final[1100];
+    uint64_t expected, received;
+};
+void slice_rx_init(struct slice_rx *rx);
+/* Closes and removes a partial copy; the struct is as after init. */
+void slice_rx_reset(struct slice_rx *rx);
+/* Handles one WEIGHTS_CHUNK payload. */
+int slice_rx_handle(struct slice_rx *rx, const char *cache_dir, const uint8_t *data, size_t len, char *err);
+/* Sends the tensors of a layer range from model_dir as a slice. */
+int slice_send(struct net_conn *c, const char *model_dir, int layer_begin, int layer_end, bool first, bool last,
+               const char *slice_id, int timeout_ms, char *err);
+
 #endif

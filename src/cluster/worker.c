@@ -44,7 +44,8 @@ struct inbox_msg {
 
 struct worker {
     struct worker_opts o;
-    char host[256], name[64], model_dir[1024];
+    char host[256], name[64], model_dir[1024], cache_dir[1024];
+    struct slice_rx rx;
     uint8_t *secret;
     struct net_conn_opts copts;
     struct net_listener *l;
@@ -239,9 +240,22 @@ static int do_load(struct worker *w, struct load_spec *s, char *err)
         if ((rc = runner_init(&w->runner, w->engine, err)) < 0) goto fail;
     } else {
         unload(w);
-        const char *dir = w->model_dir[0] ? w->model_dir : s->model_dir;
         if (s->source == LOAD_DIR) {
-            if (!dir[0]) return err_set(err, ST_EINVAL, "no model directory: start the worker with -m DIR");
+            /* our own -m, else the coordinator's path if it exists here, else a slice it sent before */
+            char probe[1200], cached[1200] = "";
+            const char *dir = w->model_dir;
+            if (s->slice_id[0]) snprintf(cached, sizeof(cached), "%s/%s", w->cache_dir, s->slice_id);
+            if (!dir[0]) {
+                snprintf(probe, sizeof(probe), "%s/config.json", s->model_dir);
+                if (s->model_dir[0] && file_exists(probe)) dir = s->model_dir;
+            }
+            if (!dir[0] && cached[0]) {
+                snprintf(probe, sizeof(probe), "%s/config.json", cached);
+                if (file_exists(probe)) dir = cached;
+            }
+            if (!dir[0])
+                return err_set(err, ST_ENOTFOUND, "no copy of the weights on this node (start it with -m DIR, or let "
+                                                  "the coordinator send them)");
             if ((rc = model_load(&w->model, dir, s->layer_begin, s->layer_end, s->first, s->last, err)) < 0) return rc;
         } else {
             struct model_config cfg;
@@ -445,6 +459,14 @@ static void *compute_main(void *arg)
         case NET_MSG_LOAD: handle_load(w, m); break;
         case NET_MSG_FORWARD: handle_forward(w, m); break;
         case NET_MSG_STATS_REQ: handle_stats(w, m); break;
+        case NET_MSG_WEIGHTS_CHUNK: {
+            char err[ST_ERR_LEN];
+            if (slice_rx_handle(&w->rx, w->cache_dir, m->data, m->len, err) < 0) {
+                LOGE("worker", "receiving weights: %s", err);
+                reply_error(w, m->conn, 0, ST_EIO, err);
+            }
+            break;
+        }
         case NET_MSG_ERROR: {
             int code;
             char msg[NET_ERROR_MSG_MAX + 1];
@@ -470,6 +492,15 @@ int worker_start(struct worker **out, const struct worker_opts *o, char *err)
     w->control = -1;
     snprintf(w->host, sizeof(w->host), "%s", o->host ? o->host : "127.0.0.1");
     snprintf(w->model_dir, sizeof(w->model_dir), "%s", o->model_dir ? o->model_dir : "");
+    slice_rx_init(&w->rx);
+    if (o->cache_dir) {
+        snprintf(w->cache_dir, sizeof(w->cache_dir), "%s", o->cache_dir);
+    } else {
+        const char *xdg = getenv("XDG_CACHE_HOME"), *home = getenv("HOME");
+        if (xdg && *xdg) snprintf(w->cache_dir, sizeof(w->cache_dir), "%s/strata", xdg);
+        else if (home && *home) snprintf(w->cache_dir, sizeof(w->cache_dir), "%s/.cache/strata", home);
+        else snprintf(w->cache_dir, sizeof(w->cache_dir), "/tmp/strata-cache");
+    }
     if (o->name) snprintf(w->name, sizeof(w->name), "%s", o->name);
     else if (gethostname(w->name, sizeof(w->name) - 1) != 0) snprintf(w->name, sizeof(w->name), "worker");
     for (char *p = w->name; *p; p++)
@@ -536,6 +567,7 @@ void worker_stop(struct worker *w)
         free(m);
     }
     unload(w);
+    slice_rx_reset(&w->rx);
     fwd_msg_free(&w->fwd);
     net_buf_free(&w->out);
     net_listener_free(w->l);

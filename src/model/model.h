@@ -129,6 +129,10 @@ struct st_writer_entry {
     const void *data;
     size_t nbytes;
 };
+/* Encodes the file header (8-byte length + JSON, padded to 8 bytes) for entries laid out in name order; *order
+ * (malloc'd, may be NULL) gets that order, which the data must follow. *out is malloc'd. */
+int safetensors_header_encode(const struct st_writer_entry *entries, int n, const char *metadata_json,
+                              const struct st_writer_entry ***order, uint8_t **out, size_t *out_len, char *err);
 int safetensors_write(const char *path, const struct st_writer_entry *entries, int n, const char *metadata_json,
                       char *err);
 

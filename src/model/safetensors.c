@@ -418,14 +418,15 @@ static int write_all(int fd, const void *buf, size_t n)
     return 0;
 }
 
-int safetensors_write(const char *path, const struct st_writer_entry *entries, int n, const char *metadata_json,
-                      char *err)
+int safetensors_header_encode(const struct st_writer_entry *entries, int n, const char *metadata_json,
+                              const struct st_writer_entry ***order_out, uint8_t **out, size_t *out_len, char *err)
 {
-    int rc = ST_OK, fd = -1;
+    int rc = ST_OK;
     char *hdr = NULL;
+    *out = NULL;
+    *out_len = 0;
     const struct st_writer_entry **order = malloc(sizeof(*order) * (size_t)(n > 0 ? n : 1));
     json_t *root = json_object();
-    char tmp[1300];
     if (!order || !root) {
         rc = err_set(err, ST_ENOMEM, "out of memory");
         goto fail;
@@ -436,7 +437,7 @@ int safetensors_write(const char *path, const struct st_writer_entry *entries, i
         json_t *md = json_loads(metadata_json, 0, NULL);
         if (!json_is_object(md)) {
             json_decref(md);
-            rc = err_set(err, ST_EINVAL, "safetensors_write: metadata must be a JSON object");
+            rc = err_set(err, ST_EINVAL, "safetensors: metadata must be a JSON object");
             goto fail;
         }
         json_object_set_new(root, "__metadata__", md);
@@ -460,16 +461,43 @@ int safetensors_write(const char *path, const struct st_writer_entry *entries, i
         goto fail;
     }
     size_t hl = strlen(hdr), padded = (hl + 7) & ~(size_t)7;
+    uint8_t *buf = malloc(8 + padded);
+    if (!buf) {
+        rc = err_set(err, ST_ENOMEM, "out of memory");
+        goto fail;
+    }
+    for (int i = 0; i < 8; i++) buf[i] = (uint8_t)((uint64_t)padded >> (8 * i));
+    memcpy(buf + 8, hdr, hl);
+    memset(buf + 8 + hl, ' ', padded - hl);
+    *out = buf;
+    *out_len = 8 + padded;
+    if (order_out) {
+        *order_out = order;
+        order = NULL;
+    }
+fail:
+    free(hdr);
+    free(order);
+    json_decref(root);
+    return rc;
+}
+
+int safetensors_write(const char *path, const struct st_writer_entry *entries, int n, const char *metadata_json,
+                      char *err)
+{
+    int rc = ST_OK, fd = -1;
+    uint8_t *hdr = NULL;
+    size_t hl = 0;
+    const struct st_writer_entry **order = NULL;
+    char tmp[1300];
+    if ((rc = safetensors_header_encode(entries, n, metadata_json, &order, &hdr, &hl, err)) < 0) goto fail;
     snprintf(tmp, sizeof(tmp), "%s.tmp", path);
     fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) {
         rc = err_set(err, ST_EIO, "%s: %s", tmp, strerror(errno));
         goto fail;
     }
-    uint8_t lenb[8];
-    for (int i = 0; i < 8; i++) lenb[i] = (uint8_t)((uint64_t)padded >> (8 * i));
-    static const char spaces[8] = "        ";
-    if (write_all(fd, lenb, 8) || write_all(fd, hdr, hl) || write_all(fd, spaces, padded - hl)) goto io_fail;
+    if (write_all(fd, hdr, hl)) goto io_fail;
     for (int i = 0; i < n; i++)
         if (order[i]->nbytes && write_all(fd, order[i]->data, order[i]->nbytes)) goto io_fail;
     if (fsync(fd) != 0) goto io_fail;
@@ -487,6 +515,5 @@ fail:
     if (fd >= 0) close(fd);
     free(hdr);
     free(order);
-    json_decref(root);
     return rc;
 }
