@@ -36,6 +36,26 @@ int cli_float(const char *cmd, const char *opt, const char *s, double lo, double
     return 0;
 }
 
+int cli_size(const char *cmd, const char *opt, const char *s, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    double mul = 1;
+    if (*end == 'K' || *end == 'k') mul = 1024.0;
+    else if (*end == 'M' || *end == 'm') mul = 1048576.0;
+    else if (*end == 'G' || *end == 'g') mul = 1073741824.0;
+    else if (*end == 'T' || *end == 't') mul = 1099511627776.0;
+    if (mul != 1) end++;
+    if (*end == 'B' || *end == 'b') end++;
+    if (errno || end == s || *end || !(v >= 0) || v * mul > 9.0e18) {
+        fprintf(stderr, "strata %s: %s: expected a size like 512M or 8G, got \"%s\"\n", cmd, opt, s);
+        return -1;
+    }
+    *out = (uint64_t)(v * mul);
+    return 0;
+}
+
 int cli_ids(const char *cmd, const char *opt, const char *s, int32_t **ids, int *n)
 {
     *ids = NULL;

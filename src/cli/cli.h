@@ -17,6 +17,8 @@ int cmd_worker(int argc, char **argv);
 /* Shared argument helpers: print "strata CMD: --opt: reason" to stderr and return -1 on a bad value. */
 int cli_int(const char *cmd, const char *opt, const char *s, long lo, long hi, long *out);
 int cli_float(const char *cmd, const char *opt, const char *s, double lo, double hi, double *out);
+/* A byte size: "123", "64K", "512M", "8G", "1T" (binary units). */
+int cli_size(const char *cmd, const char *opt, const char *s, uint64_t *out);
 /* Parses "1,2,3" into a malloc'd array. */
 int cli_ids(const char *cmd, const char *opt, const char *s, int32_t **ids, int *n);
 /* The bundled default model directory: ./models/kjv-qwen3-21m-8bit, next to the binary (../models), or the

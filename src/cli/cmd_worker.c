@@ -27,6 +27,9 @@ static void usage(FILE *f)
             "                         authenticated and unauthenticated peers refused\n"
             "  --device D             cpu (default), cuda, cuda:N\n"
             "  --threads N            CPU threads (default: all cores)\n"
+            "  --max-memory SIZE      memory this node offers for layers + KV cache (e.g. 8G, 512M; default: what\n"
+            "                         the system reports free); the coordinator refuses a plan that does not fit\n"
+            "  --cache-dir DIR        where weights sent by the coordinator are kept (default ~/.cache/strata)\n"
             "  --log-level L          debug, info, warn, error\n",
             CLUSTER_DEFAULT_PORT);
 }
@@ -82,6 +85,8 @@ int cli_host_port(const char *cmd, const char *opt, const char *s, char *host, s
 int cmd_worker(int argc, char **argv)
 {
     const char *cmd = "worker", *listen = NULL, *model = NULL, *name = NULL, *secret_file = NULL, *device = "cpu";
+    const char *cache_dir = NULL;
+    uint64_t max_memory = 0;
     long threads = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
@@ -93,6 +98,8 @@ int cmd_worker(int argc, char **argv)
         else if (!strcmp(a, "--secret-file")) { VAL(); secret_file = v; }
         else if (!strcmp(a, "--device")) { VAL(); device = v; }
         else if (!strcmp(a, "--threads")) { VAL(); if (cli_int(cmd, a, v, 0, 4096, &threads)) return 2; }
+        else if (!strcmp(a, "--cache-dir")) { VAL(); cache_dir = v; }
+        else if (!strcmp(a, "--max-memory")) { VAL(); if (cli_size(cmd, a, v, &max_memory)) return 2; }
         else if (!strcmp(a, "--log-level")) {
             VAL();
             if (log_level_parse(v) < 0) { fprintf(stderr, "strata worker: unknown log level \"%s\"\n", v); return 2; }
@@ -108,7 +115,8 @@ int cmd_worker(int argc, char **argv)
     size_t secret_len = 0;
     if (cli_read_secret(cmd, secret_file, &secret, &secret_len) < 0) return 2;
     struct worker_opts wo = {.host = host, .port = port, .name = name, .model_dir = model, .secret = secret,
-                             .secret_bytes = secret_len, .n_threads = (int)threads};
+                             .secret_bytes = secret_len, .n_threads = (int)threads,
+                             .cache_dir = cache_dir, .max_memory_bytes = max_memory};
     if (backend_parse_device(device, &wo.kind, &wo.device, err) < 0) {
         fprintf(stderr, "strata worker: %s\n", err);
         free(secret);

@@ -91,6 +91,7 @@ struct worker_opts {
     const char *name;
     const char *model_dir;     /* NULL: use the coordinator's path, else a copy of the slice in cache_dir */
     const char *cache_dir;     /* where slices sent by the coordinator are kept (NULL: ~/.cache/strata) */
+    uint64_t max_memory_bytes; /* when > 0: report at most this much free memory (placement budget) */
     const void *secret;
     size_t secret_bytes;
     enum backend_kind kind;

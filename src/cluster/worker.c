@@ -449,6 +449,10 @@ static void *compute_main(void *arg)
         case NET_MSG_INFO_REQ: {
             struct node_info ni;
             node_info_local(&ni, w->name, w->o.kind, w->o.device);
+            if (w->o.max_memory_bytes) {
+                if (ni.mem_free_bytes > w->o.max_memory_bytes) ni.mem_free_bytes = w->o.max_memory_bytes;
+                if (ni.dev_free_bytes > w->o.max_memory_bytes) ni.dev_free_bytes = w->o.max_memory_bytes;
+            }
             ni.has_model = w->model_dir[0] != 0;
             snprintf(ni.model_dir, sizeof(ni.model_dir), "%s", w->model_dir);
             net_buf_reset(&w->out);
