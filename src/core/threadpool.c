@@ -6,6 +6,7 @@
 #include "core.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +20,8 @@
 #endif
 
 #define SPIN_ITERS 200000
+#define SPIN_PURE 2000 /* past this many pauses, spinning threads also yield: on an oversubscribed machine the
+                        * thread being waited for may need this core */
 
 struct threadpool {
     int n_threads;
@@ -50,7 +53,8 @@ static void *worker_main(void *p)
         while ((g = atomic_load_explicit(&tp->generation, memory_order_acquire)) == seen &&
                !atomic_load(&tp->stop)) {
             if (++spins < SPIN_ITERS) {
-                cpu_relax();
+                if (spins > SPIN_PURE) sched_yield();
+                else cpu_relax();
                 continue;
             }
             pthread_mutex_lock(&tp->lock);
@@ -134,5 +138,9 @@ void threadpool_run(struct threadpool *tp, threadpool_fn fn, void *arg)
         pthread_mutex_unlock(&tp->lock);
     }
     fn(arg, 0, tp->n_threads);
-    while (atomic_load_explicit(&tp->n_done, memory_order_acquire) < tp->n_threads - 1) cpu_relax();
+    int spins = 0;
+    while (atomic_load_explicit(&tp->n_done, memory_order_acquire) < tp->n_threads - 1) {
+        if (++spins > SPIN_PURE) sched_yield();
+        else cpu_relax();
+    }
 }

@@ -14,7 +14,7 @@
 
 /* Device copies of a layer's vectors (NULL where the model has none). */
 struct layer_vecs {
-    float *attn_norm, *ffn_norm, *q_norm, *k_norm, *bq, *bk, *bv;
+    float *attn_norm, *ffn_norm, *q_norm, *k_norm, *bq, *bk, *bv, *bo, *b_gate, *b_up, *b_down;
 };
 
 struct engine {
@@ -162,7 +162,7 @@ int engine_init(struct engine **out, struct model *m, const struct engine_opts *
         }
     }
     /* norm vectors and biases */
-    size_t n_vec = (size_t)nl * (2 * c->dim + 2 * c->head_dim + e->q_dim + 2 * e->kv_dim) + c->dim;
+    size_t n_vec = (size_t)nl * (4 * c->dim + 2 * c->head_dim + e->q_dim + 2 * e->kv_dim + 2 * c->hidden_dim) + c->dim;
     e->d_vecs = dalloc(e, fs * n_vec, &rc);
     e->lv = calloc((size_t)(nl > 0 ? nl : 1), sizeof(*e->lv));
     if (rc < 0 || !e->lv) {
@@ -179,7 +179,11 @@ int engine_init(struct engine **out, struct model *m, const struct engine_opts *
             (rc = upload_vec(e, &v->k_norm, L->k_norm, c->head_dim, &off)) < 0 ||
             (rc = upload_vec(e, &v->bq, L->bq, e->q_dim, &off)) < 0 ||
             (rc = upload_vec(e, &v->bk, L->bk, e->kv_dim, &off)) < 0 ||
-            (rc = upload_vec(e, &v->bv, L->bv, e->kv_dim, &off)) < 0) {
+            (rc = upload_vec(e, &v->bv, L->bv, e->kv_dim, &off)) < 0 ||
+            (rc = upload_vec(e, &v->bo, L->bo, c->dim, &off)) < 0 ||
+            (rc = upload_vec(e, &v->b_gate, L->b_gate, c->hidden_dim, &off)) < 0 ||
+            (rc = upload_vec(e, &v->b_up, L->b_up, c->hidden_dim, &off)) < 0 ||
+            (rc = upload_vec(e, &v->b_down, L->b_down, c->dim, &off)) < 0) {
             err_set(err, rc, "engine: cannot upload layer vectors");
             goto fail;
         }
@@ -294,14 +298,14 @@ int engine_forward(struct engine *e, const struct batch *b, const float *in_hidd
         ops->kv_store(be, e->k_cache[l], e->v_cache[l], e->k, e->v, &bb, e->kv_dim, e->o.n_ctx);
         ops->attention(be, e->att, e->q, e->k_cache[l], e->v_cache[l], &bb, c->n_heads, c->n_kv_heads, c->head_dim,
                        e->o.n_ctx, scale);
-        ops->matmul(be, e->proj, &L->wo, e->att, n, NULL);
+        ops->matmul(be, e->proj, &L->wo, e->att, n, v->bo);
         ops->add(be, e->x, e->proj, (int64_t)n * c->dim);
         /* feed-forward */
         ops->rmsnorm(be, e->xb, e->x, v->ffn_norm, n, c->dim, c->norm_eps);
-        ops->matmul(be, e->gate, &L->w_gate, e->xb, n, NULL);
-        ops->matmul(be, e->up, &L->w_up, e->xb, n, NULL);
+        ops->matmul(be, e->gate, &L->w_gate, e->xb, n, v->b_gate);
+        ops->matmul(be, e->up, &L->w_up, e->xb, n, v->b_up);
         ops->silu_mul(be, e->gate, e->gate, e->up, (int64_t)n * c->hidden_dim);
-        ops->matmul(be, e->proj, &L->w_down, e->gate, n, NULL);
+        ops->matmul(be, e->proj, &L->w_down, e->gate, n, v->b_down);
         ops->add(be, e->x, e->proj, (int64_t)n * c->dim);
     }
 

@@ -122,8 +122,13 @@ int model_config_parse(struct model_config *c, const char *text, size_t len, cha
         rc = err_set(err, ST_EUNSUPPORTED, "config.json: unsupported model_type \"%s\" (supported: llama, qwen2, qwen3)", mt);
         goto fail;
     }
-    const json_t *ab = json_object_get(root, "attention_bias");
-    if (json_is_boolean(ab)) c->attn_bias = json_is_true(ab);
+    /* Qwen2 always has q/k/v biases (and none on o_proj) whatever the key says; for Llama and Qwen3,
+     * attention_bias puts biases on q, k, v and o (transformers' LlamaAttention / Qwen3Attention). */
+    if (c->arch != ARCH_QWEN2 && json_is_true(json_object_get(root, "attention_bias"))) {
+        c->attn_bias = true;
+        c->o_bias = true;
+    }
+    c->mlp_bias = json_is_true(json_object_get(root, "mlp_bias"));
 
     if ((rc = get_int(root, "hidden_size", 0, &c->dim, err)) < 0) goto fail;
     if ((rc = get_int(root, "intermediate_size", 0, &c->hidden_dim, err)) < 0) goto fail;

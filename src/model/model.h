@@ -64,7 +64,9 @@ struct model_config {
     int rope_orig_max_pos;
     bool tie_embeddings;
     bool qk_norm;     /* Qwen3 */
-    bool attn_bias;   /* q/k/v bias (Qwen2, attention_bias) */
+    bool attn_bias;   /* q/k/v biases (Qwen2 always; Llama/Qwen3 with attention_bias) */
+    bool o_bias;      /* o_proj bias (Llama/Qwen3 attention_bias) */
+    bool mlp_bias;    /* gate/up/down biases (mlp_bias) */
     enum dtype dtype; /* torch_dtype / dtype of unquantized tensors */
     int q_bits, q_group_size; /* 0 when not quantized */
     int32_t bos_id;   /* -1 when absent */
@@ -169,6 +171,9 @@ struct layer_weights {
     float *ffn_norm;          /* [dim] */
     float *q_norm, *k_norm;   /* [head_dim] (Qwen3) or NULL */
     float *bq, *bk, *bv;      /* [n_heads*head_dim], [n_kv*head_dim] (attention bias) or NULL */
+    float *bo;                /* [dim] or NULL */
+    float *b_gate, *b_up;     /* [hidden] or NULL */
+    float *b_down;            /* [dim] or NULL */
     struct weight wq;         /* [n_heads*head_dim][dim] */
     struct weight wk, wv;     /* [n_kv_heads*head_dim][dim] */
     struct weight wo;         /* [dim][n_heads*head_dim] */

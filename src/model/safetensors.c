@@ -98,8 +98,12 @@ int safetensors_index(struct safetensors *st, char *err)
     for (int i = 0; i < st->n_tensors; i++) {
         uint64_t h = name_hash(st->tensors[i].name) & (uint64_t)(cap - 1);
         while (st->hash[h] >= 0) {
-            if (strcmp(st->tensors[st->hash[h]].name, st->tensors[i].name) == 0)
-                return err_set(err, ST_EFORMAT, "safetensors: tensor \"%s\" appears twice", st->tensors[i].name);
+            if (strcmp(st->tensors[st->hash[h]].name, st->tensors[i].name) == 0) {
+                int fa = st->tensors[st->hash[h]].file, fb = st->tensors[i].file;
+                return err_set(err, ST_EFORMAT, "%s, %s: tensor \"%s\" appears twice",
+                               fa >= 0 && fa < st->n_files ? st->files[fa].path : "(generated)",
+                               fb >= 0 && fb < st->n_files ? st->files[fb].path : "(generated)", st->tensors[i].name);
+            }
             h = (h + 1) & (uint64_t)(cap - 1);
         }
         st->hash[h] = i;
@@ -232,10 +236,12 @@ int safetensors_parse(struct safetensors *st, const uint8_t *buf, size_t file_si
         t->nbytes = (size_t)nbytes;
         t->data = data + b;
         t->file = file_idx;
-        spans[n_spans].begin = (uint64_t)b;
-        spans[n_spans].end = (uint64_t)e;
-        spans[n_spans].idx = st->n_tensors;
-        n_spans++;
+        if (e > b) { /* an empty tensor overlaps nothing (it may sit where the next one starts) */
+            spans[n_spans].begin = (uint64_t)b;
+            spans[n_spans].end = (uint64_t)e;
+            spans[n_spans].idx = st->n_tensors;
+            n_spans++;
+        }
         st->n_tensors++;
     }
     qsort(spans, (size_t)n_spans, sizeof(*spans), span_cmp);

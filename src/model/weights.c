@@ -238,6 +238,10 @@ static int bind_all(struct model *m, char *err)
         if ((rc = bind_vector(m, NAME("self_attn.q_proj.bias"), q_dim, c->attn_bias, &L->bq, err)) < 0) return rc;
         if ((rc = bind_vector(m, NAME("self_attn.k_proj.bias"), kv_dim, c->attn_bias, &L->bk, err)) < 0) return rc;
         if ((rc = bind_vector(m, NAME("self_attn.v_proj.bias"), kv_dim, c->attn_bias, &L->bv, err)) < 0) return rc;
+        if ((rc = bind_vector(m, NAME("self_attn.o_proj.bias"), c->dim, c->o_bias, &L->bo, err)) < 0) return rc;
+        if ((rc = bind_vector(m, NAME("mlp.gate_proj.bias"), c->hidden_dim, c->mlp_bias, &L->b_gate, err)) < 0) return rc;
+        if ((rc = bind_vector(m, NAME("mlp.up_proj.bias"), c->hidden_dim, c->mlp_bias, &L->b_up, err)) < 0) return rc;
+        if ((rc = bind_vector(m, NAME("mlp.down_proj.bias"), c->dim, c->mlp_bias, &L->b_down, err)) < 0) return rc;
 #undef NAME
     }
     if (m->has_head) {
@@ -351,12 +355,10 @@ int model_init_random(struct model *m, const struct model_config *cfg, int bits,
     int rc = ST_OK;
     if (bits != 0 && bits != 4 && bits != 8) return err_set(err, ST_EINVAL, "generated weights: bits must be 0, 4 or 8");
     m->cfg = *cfg;
-    if (bits) {
-        if (cfg->dim % 64 || cfg->hidden_dim % 64 || (cfg->n_heads * cfg->head_dim) % 64)
-            return err_set(err, ST_EINVAL, "generated quantized weights need dimensions that are multiples of 64");
-        m->cfg.q_bits = bits;
-        m->cfg.q_group_size = 64;
-    }
+    if (bits && (cfg->dim % 64 || cfg->hidden_dim % 64 || (cfg->n_heads * cfg->head_dim) % 64))
+        return err_set(err, ST_EINVAL, "generated quantized weights need dimensions that are multiples of 64");
+    m->cfg.q_bits = bits;
+    m->cfg.q_group_size = bits ? 64 : 0;
     m->cfg.dtype = DT_BF16;
     if ((rc = check_range(&m->cfg, &layer_begin, &layer_end, err)) < 0) return rc;
     m->layer_begin = layer_begin;
@@ -389,6 +391,13 @@ int model_init_random(struct model *m, const struct model_config *cfg, int bits,
             if ((rc = gen_tensor(m, &m->st, NAME("self_attn.q_proj.bias"), DT_BF16, q_dim, 0, seed, 0, 0.02f)) < 0) goto oom;
             if ((rc = gen_tensor(m, &m->st, NAME("self_attn.k_proj.bias"), DT_BF16, kv_dim, 0, seed, 0, 0.02f)) < 0) goto oom;
             if ((rc = gen_tensor(m, &m->st, NAME("self_attn.v_proj.bias"), DT_BF16, kv_dim, 0, seed, 0, 0.02f)) < 0) goto oom;
+        }
+        if (c->o_bias && (rc = gen_tensor(m, &m->st, NAME("self_attn.o_proj.bias"), DT_BF16, c->dim, 0, seed, 0, 0.02f)) < 0)
+            goto oom;
+        if (c->mlp_bias) {
+            if ((rc = gen_tensor(m, &m->st, NAME("mlp.gate_proj.bias"), DT_BF16, c->hidden_dim, 0, seed, 0, 0.02f)) < 0) goto oom;
+            if ((rc = gen_tensor(m, &m->st, NAME("mlp.up_proj.bias"), DT_BF16, c->hidden_dim, 0, seed, 0, 0.02f)) < 0) goto oom;
+            if ((rc = gen_tensor(m, &m->st, NAME("mlp.down_proj.bias"), DT_BF16, c->dim, 0, seed, 0, 0.02f)) < 0) goto oom;
         }
 #undef NAME
     }
