@@ -6,6 +6,7 @@
  *   qwen3-q4-g128-untied    Qwen3, MLX 4-bit group 128, quantized untied lm_head
  *   qwen2-bias-mha          Qwen2, q/k/v biases, 7 heads / 7 kv heads, bf16
  *   qwen2-bias-mha-sharded  the same weights as an index + 2 shards
+ *   llama-biases            Llama with attention_bias (q/k/v/o) and mlp_bias (gate/up/down), bf16
  * For every model and for {scalar reference, SIMD} kernels x {prefill chunk 3, 64}: the top-20 logprobs at the last
  * prompt position within 1e-3 of the reference (all logits for case 0), and greedy ids identical (a difference is
  * allowed only at a step whose reference margin is under 0.02, which ends the comparison). The loaded config must
@@ -131,7 +132,9 @@ static void check_expect(const char *name, const struct model *m, const json_t *
     enum rope_type want_rt = strcmp(rt, "llama3") == 0 ? ROPE_LLAMA3 : strcmp(rt, "linear") == 0 ? ROPE_LINEAR : ROPE_DEFAULT;
     CHECK_MSG(c->rope_type == want_rt, "%s: rope type %d, want %s", name, (int)c->rope_type, rt);
     CHECK_MSG(c->qk_norm == (c->arch == ARCH_QWEN3), "%s: qk_norm", name);
-    CHECK_MSG(c->attn_bias == (c->arch == ARCH_QWEN2), "%s: attn_bias", name);
+    CHECK_MSG(c->attn_bias == json_is_true(json_object_get(ex, "attn_bias")), "%s: attn_bias", name);
+    CHECK_MSG(c->o_bias == json_is_true(json_object_get(ex, "o_bias")), "%s: o_bias", name);
+    CHECK_MSG(c->mlp_bias == json_is_true(json_object_get(ex, "mlp_bias")), "%s: mlp_bias", name);
     CHECK_MSG(c->dtype == DT_BF16, "%s: dtype %s", name, dtype_name(c->dtype));
     /* eos ids: config.json plus generation_config.json, as a set */
     const json_t *eos = json_object_get(ex, "eos_ids");
@@ -298,6 +301,7 @@ static void test_llama_mqa_rope_llama3(void) { run_shape("llama-mqa-rope-llama3"
 static void test_qwen3_q8_g32_newcfg(void) { run_shape("qwen3-q8-g32-newcfg"); }
 static void test_qwen3_q4_g128_untied(void) { run_shape("qwen3-q4-g128-untied"); }
 static void test_qwen2_bias_mha(void) { run_shape("qwen2-bias-mha"); }
+static void test_llama_biases(void) { run_shape("llama-biases"); }
 static void test_qwen2_bias_mha_sharded(void) { run_shape("qwen2-bias-mha-sharded"); }
 
 /* The Llama 3.1 fixture must exercise all three bands of the scaling: kept, divided by factor, smoothed. */
@@ -487,6 +491,7 @@ static void test_split_llama_mqa_rope_llama3(void) { split_model("llama-mqa-rope
 static void test_split_qwen3_q8_g32_newcfg(void) { split_model("qwen3-q8-g32-newcfg"); }
 static void test_split_qwen3_q4_g128_untied(void) { split_model("qwen3-q4-g128-untied"); }
 static void test_split_qwen2_bias_mha(void) { split_model("qwen2-bias-mha"); }
+static void test_split_llama_biases(void) { split_model("llama-biases"); }
 
 /* The sharded checkpoint holds the same bytes as the single file: same manifest, bit-identical logits. */
 static void test_sharded_equals_single(void)
@@ -532,6 +537,7 @@ int main(void)
     RUN(test_qwen3_q8_g32_newcfg);
     RUN(test_qwen3_q4_g128_untied);
     RUN(test_qwen2_bias_mha);
+    RUN(test_llama_biases);
     RUN(test_qwen2_bias_mha_sharded);
     RUN(test_rope_llama3_bands);
     RUN(test_split_llama_gqa_untied);
@@ -539,6 +545,7 @@ int main(void)
     RUN(test_split_qwen3_q8_g32_newcfg);
     RUN(test_split_qwen3_q4_g128_untied);
     RUN(test_split_qwen2_bias_mha);
+    RUN(test_split_llama_biases);
     RUN(test_sharded_equals_single);
     return check_done();
 }

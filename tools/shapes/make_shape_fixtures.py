@@ -137,7 +137,8 @@ def safetensors_bytes(tensors, metadata=None):
 class Shape:
     def __init__(self, name, seed, arch, dim, n_heads, n_kv_heads, head_dim, hidden, vocab, n_layers, tied, bits=0,
                  group_size=0, rope_theta=10000.0, rope=None, new_config=False, eps=1e-6, explicit_head_dim=True,
-                 prompt_lens=(5, 23, 70), shards=0, qk_gain=1.0, bias_std=0.0, eos=None, gen_eos=None):
+                 prompt_lens=(5, 23, 70), shards=0, qk_gain=1.0, bias_std=0.0, eos=None, gen_eos=None,
+                 llama_bias=False):
         self.__dict__.update(locals())
         del self.__dict__["self"]
 
@@ -165,6 +166,10 @@ SHAPES = [
     Shape("qwen2-bias-mha", 105, "qwen2", dim=56, n_heads=7, n_kv_heads=7, head_dim=8, hidden=48, vocab=301,
           n_layers=2, tied=True, rope_theta=1000000.0, explicit_head_dim=False, qk_gain=2.0, bias_std=0.5,
           eos=4, prompt_lens=(7, 25, 71)),
+    # g. Llama with attention_bias (q/k/v/o biases) and mlp_bias (gate/up/down biases), bf16, tied
+    Shape("llama-biases", 106, "llama", dim=64, n_heads=4, n_kv_heads=2, head_dim=16, hidden=80, vocab=290,
+          n_layers=2, tied=True, eps=1e-5, rope_theta=10000.0, qk_gain=2.0, bias_std=0.5, llama_bias=True,
+          eos=2, prompt_lens=(5, 22, 70)),
 ]
 # f. the same weights as (e), as model.safetensors.index.json + 2 shards
 SHARDED = ("qwen2-bias-mha-sharded", "qwen2-bias-mha")
@@ -194,8 +199,8 @@ def config_json(s):
     if s.explicit_head_dim:
         c["head_dim"] = s.head_dim
     if s.arch == "llama":
-        c["attention_bias"] = False
-        c["mlp_bias"] = False
+        c["attention_bias"] = s.llama_bias
+        c["mlp_bias"] = s.llama_bias
     if s.arch in ("qwen2", "qwen3"):
         c["use_sliding_window"] = False
         c["sliding_window"] = None
@@ -261,10 +266,15 @@ def make_weights(s):
         if s.arch == "qwen3":
             vector(p + "self_attn.q_norm.weight", rng.uniform(0.5, 2.5, s.head_dim))
             vector(p + "self_attn.k_norm.weight", rng.uniform(0.5, 2.5, s.head_dim))
-        if s.arch == "qwen2":
+        if s.arch == "qwen2" or s.llama_bias:
             vector(p + "self_attn.q_proj.bias", rng.standard_normal(q_dim) * s.bias_std)
             vector(p + "self_attn.k_proj.bias", rng.standard_normal(kv_dim) * s.bias_std)
             vector(p + "self_attn.v_proj.bias", rng.standard_normal(kv_dim) * s.bias_std)
+        if s.llama_bias:
+            vector(p + "self_attn.o_proj.bias", rng.standard_normal(s.dim) * s.bias_std)
+            vector(p + "mlp.gate_proj.bias", rng.standard_normal(s.hidden) * s.bias_std)
+            vector(p + "mlp.up_proj.bias", rng.standard_normal(s.hidden) * s.bias_std)
+            vector(p + "mlp.down_proj.bias", rng.standard_normal(s.dim) * s.bias_std)
     vector("model.norm.weight", rng.uniform(0.6, 1.4, s.dim))
     if not s.tied:
         dense("lm_head", s.vocab, s.dim, 3.0 / math.sqrt(s.dim))
@@ -332,7 +342,7 @@ def forward(s, W, ids, drop=None):
         q = h @ W[p + "self_attn.q_proj"].T
         k = h @ W[p + "self_attn.k_proj"].T
         v = h @ W[p + "self_attn.v_proj"].T
-        if s.arch == "qwen2" and drop != "bias":
+        if (s.arch == "qwen2" or s.llama_bias) and drop != "bias":
             q = q + W[p + "self_attn.q_proj.bias"]
             k = k + W[p + "self_attn.k_proj.bias"]
             v = v + W[p + "self_attn.v_proj.bias"]
@@ -353,11 +363,21 @@ def forward(s, W, ids, drop=None):
             pr = np.exp(scores)
             pr = pr / pr.sum(axis=-1, keepdims=True)
             out[:, hh, :] = pr @ v[:, kvh, :]
-        x = x + out.reshape(T, H * hd) @ W[p + "self_attn.o_proj"].T
+        o = out.reshape(T, H * hd) @ W[p + "self_attn.o_proj"].T
+        lb = s.llama_bias and drop != "bias"
+        if lb:
+            o = o + W[p + "self_attn.o_proj.bias"]
+        x = x + o
         h = rmsnorm(x, W[p + "post_attention_layernorm.weight"], s.eps)
         g = h @ W[p + "mlp.gate_proj"].T
         u = h @ W[p + "mlp.up_proj"].T
-        x = x + ((g / (1.0 + np.exp(-g))) * u) @ W[p + "mlp.down_proj"].T
+        if lb:
+            g = g + W[p + "mlp.gate_proj.bias"]
+            u = u + W[p + "mlp.up_proj.bias"]
+        d = ((g / (1.0 + np.exp(-g))) * u) @ W[p + "mlp.down_proj"].T
+        if lb:
+            d = d + W[p + "mlp.down_proj.bias"]
+        x = x + d
     x = rmsnorm(x, W["model.norm.weight"], s.eps)
     head = W["model.embed_tokens"] if (s.tied or drop == "untied") else W["lm_head"]
     return x @ head.T
@@ -406,7 +426,7 @@ def sensitivity(s, W, prompt):
         feats.append("kv_map")
     if s.arch == "qwen3":
         feats.append("qk_norm")
-    if s.arch == "qwen2":
+    if s.arch == "qwen2" or s.llama_bias:
         feats.append("bias")
     if not s.tied:
         feats.append("untied")
@@ -427,6 +447,7 @@ def expect(s):
     e = {"arch": s.arch, "dim": s.dim, "n_layers": s.n_layers, "n_heads": s.n_heads, "n_kv_heads": s.n_kv_heads,
          "head_dim": s.head_dim, "hidden_dim": s.hidden, "vocab_size": s.vocab, "tie_embeddings": s.tied,
          "q_bits": s.bits, "q_group_size": s.group_size,
+         "attn_bias": s.arch == "qwen2" or s.llama_bias, "o_bias": s.llama_bias, "mlp_bias": s.llama_bias,
          "rope_type": (s.rope or {}).get("rope_type", "default"),
          "rope_theta": s.rope_theta if s.rope_theta is not None else 10000.0,
          "eos_ids": sorted(set((s.eos if isinstance(s.eos, list) else [s.eos]) + (s.gen_eos or [])))}
