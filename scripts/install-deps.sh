@@ -6,7 +6,8 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 pkgs="build-essential pkg-config xz-utils bc libmicrohttpd-dev libjansson-dev libpcre2-dev libutf8proc-dev libxxhash-dev"
 if [ "${1:-}" = "--with-tests" ]; then
-    pkgs="$pkgs curl python3 iproute2 clang libclang-rt-14-dev"
+    pkgs="$pkgs curl python3 iproute2 clang libclang-rt-14-dev prometheus"
+    command -v npm >/dev/null 2>&1 || pkgs="$pkgs nodejs npm"
 fi
 missing=""
 for p in $pkgs; do

@@ -19,6 +19,7 @@ struct command {
 
 static const struct command commands[] = {
     {"run", cmd_run, "generate from a prompt (text, chat or token ids)"},
+    {"serve", cmd_serve, "OpenAI-compatible API server (one node, or a coordinator over workers)"},
     {"tokenize", cmd_tokenize, "text -> token ids (or ids -> text with --decode)"},
     {"template", cmd_template, "render the model's chat template for a message list"},
     {"worker", cmd_worker, "serve one pipeline stage for a coordinator"},
