@@ -32,16 +32,16 @@ endif
 
 # CUDA: built when nvcc is present unless CUDA=0.
 NVCC     ?= $(shell command -v nvcc 2>/dev/null || (test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda/bin/nvcc))
-CUDA     ?= $(if $(NVCC),1,0)
+CU_SRC   := $(sort $(wildcard src/backend/cuda/*.cu))
+CUDA     ?= $(if $(and $(NVCC),$(CU_SRC)),1,0)
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
-CUDA_ARCH ?= -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=sm_80
+CUDA_ARCH ?= -gencode arch=compute_90,code=sm_90 -gencode arch=compute_90,code=compute_90
 ifeq ($(SANITIZE),1)
 CUDA     := 0
 endif
 
 LIB_SRC  := $(sort $(shell find src -name '*.c' -not -path 'src/cli/*'))
 CLI_SRC  := $(sort $(wildcard src/cli/*.c))
-CU_SRC   := $(sort $(wildcard src/backend/cuda/*.cu))
 TEST_SRC := $(sort $(wildcard tests/test_*.c))
 FUZZ_SRC := $(sort $(wildcard tests/fuzz/fuzz_*.c))
 
@@ -67,7 +67,7 @@ $(BUILD)/obj/%.o: %.c
 
 $(BUILD)/obj/%.o: %.cu
 	@mkdir -p $(dir $@)
-	$(NVCC) -O3 -std=c++17 $(CUDA_ARCH) -Isrc -Iinclude -Xcompiler -fPIC,-Wall -lineinfo -c $< -o $@
+	$(NVCC) -O3 -std=c++17 $(CUDA_ARCH) -Isrc -Iinclude -Xcompiler -fPIC,-Wall -lineinfo -MMD -MP -c $< -o $@
 
 $(LIB): $(LIB_OBJ) $(CU_OBJ)
 	@mkdir -p $(dir $@)
@@ -109,7 +109,11 @@ fuzz:
 test-cuda: tests $(FIXTURES)
 	STRATA_TEST_CUDA=1 scripts/run-tests.sh $(BUILD) cuda
 
+# GPU benchmark driver (scripts/gpu-check.sh runs it)
+$(BUILD)/cuda_bench: tools/cuda_bench.c $(LIB)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(LIB) $(LDLIBS)
+
 clean:
 	rm -rf build build-asan build-fuzz
 
--include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d)
+-include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d) $(CU_OBJ:.o=.d)
