@@ -102,6 +102,7 @@ static void init_req(struct gen_request *r, struct collector *c, int p, float te
     r->sp.temperature = temp;
     r->sp.seed = seed;
     r->max_tokens = max_tokens;
+    r->logprobs = true;
     r->ignore_eos = true;
     r->on_token = on_token;
     r->on_done = on_done;

@@ -91,6 +91,7 @@ void proto_put_forward(struct net_buf *o, uint64_t epoch, const struct step_batc
         net_buf_put_i32(o, q->slot);
         put_params(o, &q->sp);
         net_buf_put_i32(o, q->n_top);
+        net_buf_put_u8(o, q->logprobs);
         net_buf_put_u32(o, (uint32_t)q->n_prompt);
         for (int k = 0; k < q->n_prompt; k++) net_buf_put_i32(o, q->prompt[k]);
     }
@@ -129,6 +130,7 @@ int proto_get_forward(const uint8_t *data, size_t len, struct fwd_msg *m, int ma
         q->slot = net_reader_get_i32(&r, "start.slot");
         get_params(&r, &q->sp);
         q->n_top = net_reader_get_i32(&r, "start.n_top");
+        q->logprobs = net_reader_get_u8(&r, "start.logprobs");
         q->n_prompt = (int32_t)net_reader_get_count(&r, (uint32_t)max_ctx, 4, "start.n_prompt");
         if (grow((void **)&m->prompts, &m->cap_prompts, used + (size_t)q->n_prompt + 1, sizeof(int32_t)) < 0)
             return err_set(err, ST_ENOMEM, "out of memory");

@@ -11,6 +11,7 @@ struct runner {
     int n_slots, vocab, max_batch, max_logits;
     struct sampler *samplers; /* [n_slots] (last stage) */
     int32_t *n_top;           /* [n_slots] */
+    uint8_t *logprobs;        /* [n_slots] */
     bool *active;             /* [n_slots] */
     int32_t *token, *pos, *slot;
     uint8_t *want;
@@ -31,6 +32,7 @@ int runner_init(struct runner **out, struct engine *e, char *err)
     r->vocab = engine_model(e)->cfg.vocab_size;
     r->active = calloc((size_t)r->n_slots, sizeof(bool));
     r->n_top = calloc((size_t)r->n_slots, sizeof(int32_t));
+    r->logprobs = calloc((size_t)r->n_slots, 1);
     r->samplers = calloc((size_t)r->n_slots, sizeof(struct sampler));
     r->token = malloc(sizeof(int32_t) * (size_t)r->max_batch);
     r->pos = malloc(sizeof(int32_t) * (size_t)r->max_batch);
@@ -40,7 +42,7 @@ int runner_init(struct runner **out, struct engine *e, char *err)
         r->logits = malloc(sizeof(float) * (size_t)r->max_logits * (size_t)r->vocab);
         r->work = malloc(sizeof(float) * (size_t)r->vocab);
     }
-    if (!r->active || !r->n_top || !r->samplers || !r->token || !r->pos || !r->slot || !r->want ||
+    if (!r->active || !r->n_top || !r->logprobs || !r->samplers || !r->token || !r->pos || !r->slot || !r->want ||
         (engine_is_last(e) && (!r->logits || !r->work))) {
         runner_free(r);
         return err_set(err, ST_ENOMEM, "runner: out of memory");
@@ -57,6 +59,7 @@ void runner_free(struct runner *r)
     free(r->samplers);
     free(r->active);
     free(r->n_top);
+    free(r->logprobs);
     free(r->token);
     free(r->pos);
     free(r->slot);
@@ -93,6 +96,7 @@ int runner_step(struct runner *r, const struct step_batch *b, const float *hidde
             sampler_add_prompt(&r->samplers[q->slot], q->prompt, q->n_prompt);
         }
         r->n_top[q->slot] = q->n_top;
+        r->logprobs[q->slot] = q->logprobs || q->n_top > 0;
         r->active[q->slot] = true;
     }
     if (b->n_rows == 0) return ST_OK;
@@ -120,12 +124,13 @@ int runner_step(struct runner *r, const struct step_batch *b, const float *hidde
         struct step_out *o = &outs[k];
         o->slot = s;
         o->n_top = r->n_top[s];
-        double lse = sample_logsumexp(lg, r->vocab);
-        if (o->n_top > 0) sample_top_logprobs(lg, r->vocab, o->n_top, o->top_ids, o->top_lp);
+        /* the full-vocabulary logsumexp only when logprobs were asked for */
+        double lse = r->logprobs[s] ? sample_logsumexp(lg, r->vocab) : 0.0;
+        if (o->n_top > 0) sample_top_logprobs_lse(lg, r->vocab, o->n_top, lse, o->top_ids, o->top_lp);
         memcpy(r->work, lg, sizeof(float) * (size_t)r->vocab);
         o->id = sampler_sample(&r->samplers[s], r->work);
         sampler_accept(&r->samplers[s], o->id);
-        o->logprob = (float)((double)lg[o->id] - lse);
+        o->logprob = r->logprobs[s] ? (float)((double)lg[o->id] - lse) : 0.0f;
         k++;
     }
     *n_out = k;

@@ -32,6 +32,7 @@ struct step_seq {
     int32_t slot;
     struct sample_params sp;
     int32_t n_top;      /* top logprobs wanted per sampled token (0..RUNNER_MAX_TOP) */
+    uint8_t logprobs;   /* report the sampled token's logprob (a pass over the vocabulary; off saves it) */
     int32_t n_prompt;
     const int32_t *prompt;
 };
@@ -49,7 +50,7 @@ struct step_batch {
 struct step_out {
     int32_t slot;
     int32_t id;
-    float logprob;
+    float logprob;      /* 0 unless the sequence asked for logprobs */
     int32_t n_top;
     int32_t top_ids[RUNNER_MAX_TOP];
     float top_lp[RUNNER_MAX_TOP];

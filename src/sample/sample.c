@@ -160,12 +160,16 @@ static int top_k_select(const float *vals, int n, int k, float *ov, int32_t *oi)
     return k;
 }
 
-int sample_top_logprobs(const float *logits, int vocab, int k, int32_t *ids, float *logprobs)
+int sample_top_logprobs_lse(const float *logits, int vocab, int k, double lse, int32_t *ids, float *logprobs)
 {
     int n = top_k_select(logits, vocab, k, logprobs, ids);
-    double lse = sample_logsumexp(logits, vocab);
     for (int i = 0; i < n; i++) logprobs[i] = (float)((double)logprobs[i] - lse);
     return n;
+}
+
+int sample_top_logprobs(const float *logits, int vocab, int k, int32_t *ids, float *logprobs)
+{
+    return sample_top_logprobs_lse(logits, vocab, k, sample_logsumexp(logits, vocab), ids, logprobs);
 }
 
 static int cmp_desc(const void *a, const void *b, void *ctx)

@@ -66,5 +66,7 @@ double sample_logsumexp(const float *logits, int vocab);
 /* The k most likely ids with their logprobs, most likely first (ties: lower id first). Returns the number
  * written (min(k, vocab)). */
 int sample_top_logprobs(const float *logits, int vocab, int k, int32_t *ids, float *logprobs);
+/* The same with the logsumexp already computed. */
+int sample_top_logprobs_lse(const float *logits, int vocab, int k, double lse, int32_t *ids, float *logprobs);
 
 #endif

@@ -530,6 +530,7 @@ static enum MHD_Result do_generate(struct server *srv, struct MHD_Connection *c,
     g->sp = j->req.sp;
     g->max_tokens = max_tokens;
     g->n_top = j->req.logprobs ? j->req.top_logprobs : 0;
+    g->logprobs = j->req.logprobs;
     g->ignore_eos = j->req.ignore_eos;
     g->on_token = job_on_token;
     g->on_done = job_on_done;

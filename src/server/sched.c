@@ -199,7 +199,9 @@ static bool submit_batch(struct sched *s)
     for (int i = 0; i < x->n_slots; i++) {
         struct seq *q = &s->seqs[i];
         if (!q->req || !q->need_start) continue;
-        s->starts[n_starts++] = (struct step_seq){i, q->req->sp, q->req->n_top, q->req->n_prompt, q->req->prompt};
+        s->starts[n_starts++] = (struct step_seq){.slot = i, .sp = q->req->sp, .n_top = q->req->n_top,
+                                                  .logprobs = q->req->logprobs, .n_prompt = q->req->n_prompt,
+                                                  .prompt = q->req->prompt};
     }
     if (n_rows == 0 && n_starts == 0 && s->n_frees == 0) return false;
     struct inflight *f = NULL;

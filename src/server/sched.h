@@ -42,6 +42,7 @@ struct gen_request {
     struct sample_params sp;
     int max_tokens;   /* > 0 */
     int n_top;        /* top logprobs per token, 0..RUNNER_MAX_TOP */
+    bool logprobs;    /* the sampled token's logprob is wanted (implied by n_top > 0) */
     bool ignore_eos;
     /* return true to stop the sequence */
     bool (*on_token)(void *ctx, const struct gen_token *t);
