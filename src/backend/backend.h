@@ -19,6 +19,9 @@
 
 enum backend_kind { BACKEND_CPU, BACKEND_CUDA, BACKEND_COUNT };
 
+/* Most weights one matmul_multi call takes. */
+#define BACKEND_MAX_MULTI 4
+
 struct backend;
 
 /* Per-forward metadata in device memory, set by backend_set_batch. */
@@ -49,6 +52,11 @@ struct backend_ops {
     void (*rmsnorm)(struct backend *b, float *out, const float *x, const float *w, int n_rows, int dim, float eps);
     /* y[i][r] = sum_c x[i][c] * W[r][c] (+ bias[r] when bias != NULL), i < n */
     void (*matmul)(struct backend *b, float *y, const struct weight *w, const float *x, int n, const float *bias);
+    /* Optional (NULL: call matmul per weight): matmul for n_w <= BACKEND_MAX_MULTI weights of equal cols that
+     * share the input x, y[j] = x W[j]^T (+ bias[j] when not NULL), so the input is prepared (quantized) once
+     * and all rows are split across threads in one pass (q/k/v, gate/up). */
+    void (*matmul_multi)(struct backend *b, int n_w, float *const *y, const struct weight *const *w, const float *x,
+                         int n, const float *const *bias);
     /* rotate-half RoPE in place on x[n][n_heads][head_dim]; cs[i][j] = {cos, sin} of token i's angle for
      * frequency j < head_dim/2 (computed once per forward by the engine, in double precision) */
     void (*rope)(struct backend *b, float *x, int n, int n_heads, int head_dim, const float *cs);

@@ -288,9 +288,16 @@ int engine_forward(struct engine *e, const struct batch *b, const float *in_hidd
         const struct layer_vecs *v = &e->lv[l];
         /* attention */
         ops->rmsnorm(be, e->xb, e->x, v->attn_norm, n, c->dim, c->norm_eps);
-        ops->matmul(be, e->q, &L->wq, e->xb, n, v->bq);
-        ops->matmul(be, e->k, &L->wk, e->xb, n, v->bk);
-        ops->matmul(be, e->v, &L->wv, e->xb, n, v->bv);
+        if (ops->matmul_multi) {
+            float *ys[3] = {e->q, e->k, e->v};
+            const struct weight *ws[3] = {&L->wq, &L->wk, &L->wv};
+            const float *bs[3] = {v->bq, v->bk, v->bv};
+            ops->matmul_multi(be, 3, ys, ws, e->xb, n, bs);
+        } else {
+            ops->matmul(be, e->q, &L->wq, e->xb, n, v->bq);
+            ops->matmul(be, e->k, &L->wk, e->xb, n, v->bk);
+            ops->matmul(be, e->v, &L->wv, e->xb, n, v->bv);
+        }
         if (v->q_norm) ops->rmsnorm(be, e->q, e->q, v->q_norm, n * c->n_heads, c->head_dim, c->norm_eps);
         if (v->k_norm) ops->rmsnorm(be, e->k, e->k, v->k_norm, n * c->n_kv_heads, c->head_dim, c->norm_eps);
         ops->rope(be, e->q, n, c->n_heads, c->head_dim, e->rope_cs);
@@ -302,8 +309,15 @@ int engine_forward(struct engine *e, const struct batch *b, const float *in_hidd
         ops->add(be, e->x, e->proj, (int64_t)n * c->dim);
         /* feed-forward */
         ops->rmsnorm(be, e->xb, e->x, v->ffn_norm, n, c->dim, c->norm_eps);
-        ops->matmul(be, e->gate, &L->w_gate, e->xb, n, v->b_gate);
-        ops->matmul(be, e->up, &L->w_up, e->xb, n, v->b_up);
+        if (ops->matmul_multi) {
+            float *ys[2] = {e->gate, e->up};
+            const struct weight *ws[2] = {&L->w_gate, &L->w_up};
+            const float *bs[2] = {v->b_gate, v->b_up};
+            ops->matmul_multi(be, 2, ys, ws, e->xb, n, bs);
+        } else {
+            ops->matmul(be, e->gate, &L->w_gate, e->xb, n, v->b_gate);
+            ops->matmul(be, e->up, &L->w_up, e->xb, n, v->b_up);
+        }
         ops->silu_mul(be, e->gate, e->gate, e->up, (int64_t)n * c->hidden_dim);
         ops->matmul(be, e->proj, &L->w_down, e->gate, n, v->b_down);
         ops->add(be, e->x, e->proj, (int64_t)n * c->dim);
