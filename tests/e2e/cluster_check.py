@@ -122,7 +122,33 @@ def generate(url):
     print("ok: completion after recovery: %r" % r["choices"][0]["text"])
 
 
+def garbage(host, port):
+    """Sends a worker garbage, a truncated header, an oversized length and a half handshake; each connection
+    must be refused (closed) without taking the worker down."""
+    import random
+    import socket
+    import struct
+    rnd = random.Random(7)
+    port = int(port)
+    hdr = b"STRT" + struct.pack("<HHHHQII", 1, 1, 0, 0, 0, 0xFFFFFFF0, 0) + b"\0\0\0\0"
+    payloads = [bytes(rnd.getrandbits(8) for _ in range(n)) for n in (1, 31, 32, 200, 5000)]
+    payloads += [hdr, hdr[:20], b"STRT" + b"\xff" * 28, b"GET / HTTP/1.0\r\n\r\n"]
+    for p in payloads * 3:
+        s = socket.create_connection((host, port), timeout=5)
+        try:
+            s.sendall(p)
+            s.shutdown(socket.SHUT_WR)
+            s.settimeout(5)
+            while s.recv(4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            s.close()
+    print("ok: %d garbage connections refused by the worker" % (len(payloads) * 3))
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     {"compare": compare, "status": status, "stream_until_error": stream_until_error, "wait_health": wait_health,
-     "generate": generate}[cmd](*args)
+     "generate": generate, "garbage": garbage}[cmd](*args)

@@ -63,4 +63,10 @@ kill -CONT $W2
 python3 tests/e2e/cluster_check.py wait_health "$COORD" 200 20 || exit 1
 python3 tests/e2e/cluster_check.py generate "$COORD" || exit 1
 python3 tests/e2e/cluster_check.py status "$COORD" 3 8 || exit 1
+
+# garbage, truncated and oversized frames to a worker: refused, the worker and the pipeline keep serving
+python3 tests/e2e/cluster_check.py garbage 127.0.0.1 $P1 || exit 1
+kill -0 "${WORKER_PIDS[1]}" || { echo "FAIL: the worker died on garbage"; exit 1; }
+python3 tests/e2e/cluster_check.py generate "$COORD" || exit 1
+python3 tests/e2e/cluster_check.py status "$COORD" 3 8 || exit 1
 echo "PASS"
