@@ -202,7 +202,8 @@ static int generate(struct runner *r, const struct run_opts *o, const int32_t *p
         json_object_set_new(out_json, "prompt_ids", pj);
         json_object_set(out_json, "ids", ids_j);
         if (o->top_logprobs > 0) json_object_set(out_json, "top_logprobs", tlp_j);
-        if (r->tok) json_object_set_new(out_json, "text", json_stringn(text, text_len));
+        /* the text only for text prompts: --prompt-ids output stays exactly prompt_ids, ids, top_logprobs */
+        if (r->tok && !o->prompt_ids) json_object_set_new(out_json, "text", json_stringn(text, text_len));
     }
     if (out_text) {
         *out_text = text;
