@@ -13,6 +13,7 @@ int cmd_convert(int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
 int cmd_template(int argc, char **argv);
 int cmd_worker(int argc, char **argv);
+int cmd_cluster(int argc, char **argv);
 int cmd_serve(int argc, char **argv);
 
 /* Shared argument helpers: print "strata CMD: --opt: reason" to stderr and return -1 on a bad value. */

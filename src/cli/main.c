@@ -23,6 +23,7 @@ static const struct command commands[] = {
     {"tokenize", cmd_tokenize, "text -> token ids (or ids -> text with --decode)"},
     {"template", cmd_template, "render the model's chat template for a message list"},
     {"worker", cmd_worker, "serve one pipeline stage for a coordinator"},
+    {"cluster", cmd_cluster, "start, stop, inspect or migrate a cluster described by a cluster file"},
     {"verify", cmd_verify, "print the weight manifest (XXH3-128 per tensor)"},
     {"convert", cmd_convert, "quantize bf16 safetensors to MLX affine 8/4-bit"},
 };

@@ -1,0 +1,391 @@
+#!/bin/bash
+# Cluster operations end to end on three "hosts" made of network namespaces on this machine: a bridge in the root
+# namespace (10.77.N.1/24) and one namespace per host with its own address (10.77.N.2, .3, .4). `strata cluster
+# start` starts the workers inside the namespaces (ip netns exec) and the coordinator on host a; the test checks
+# `status` (table and --json), serves a chat completion, migrates the coordinator to host b while a request is in
+# flight, serves again (same answer), stops everything (no process left in any namespace); then a host whose
+# model file differs by one byte and a host lacking memory must each make `cluster start` fail with a message
+# naming the node (and the tensor / the shortfall), leaving nothing running.
+# Needs root and `ip netns` (skips otherwise). Traffic only goes to loopback and the namespace addresses.
+set -u
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+STRATA_BIN=${STRATA_BIN:-$ROOT/build/strata}
+STRATA_FIXTURES=${STRATA_FIXTURES:-$ROOT/build/fixtures}
+case $STRATA_BIN in /*) ;; *) STRATA_BIN=$ROOT/$STRATA_BIN ;; esac
+case $STRATA_FIXTURES in /*) ;; *) STRATA_FIXTURES=$ROOT/$STRATA_FIXTURES ;; esac
+
+skip() { echo "SKIP: $*"; exit 77; }
+fail() { echo "FAIL: $*"; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || skip "needs root to create network namespaces"
+command -v ip >/dev/null 2>&1 || skip "ip (iproute2) is not installed"
+command -v python3 >/dev/null 2>&1 || skip "python3 is not installed"
+command -v timeout >/dev/null 2>&1 || skip "timeout (coreutils) is not installed"
+[ -x "$STRATA_BIN" ] || fail "$STRATA_BIN is not built"
+"$STRATA_BIN" cluster --help >/dev/null 2>&1 || fail "$STRATA_BIN has no cluster command"
+MODEL=$STRATA_FIXTURES/models/kjv-qwen3-21m-8bit
+[ -f "$MODEL/config.json" ] || MODEL=$ROOT/models/kjv-qwen3-21m-8bit
+[ -f "$MODEL/config.json" ] || fail "no bundled model (make fixtures)"
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/strata-cluster-e2e.XXXXXX")
+N=""
+BR=""
+NSS=()
+CLUSTER_FILES=()
+T0=$(date +%s)
+
+cleanup() {
+    local rc=$? ns f left=0
+    trap - EXIT INT TERM
+    for f in "${CLUSTER_FILES[@]}"; do
+        timeout 60 "$STRATA_BIN" cluster stop -c "$f" >/dev/null 2>&1
+    done
+    for ns in "${NSS[@]}"; do
+        local pids
+        pids=$(ip netns pids "$ns" 2>/dev/null)
+        if [ -n "$pids" ]; then
+            echo "FAIL: processes left in namespace $ns: $pids"
+            left=1
+            kill -KILL $pids 2>/dev/null
+            sleep 0.2
+        fi
+        ip netns del "$ns" 2>/dev/null
+    done
+    [ -n "$BR" ] && ip link del "$BR" 2>/dev/null
+    [ $left -ne 0 ] && [ $rc -eq 0 ] && rc=1
+    if [ $rc -ne 0 ] && [ $rc -ne 77 ]; then
+        for f in "$TMP"/*/logs/*.log "$TMP"/*.out "$TMP"/*.err; do
+            [ -f "$f" ] && { echo "--- $f (tail)"; tail -n 15 "$f"; }
+        done
+    fi
+    rm -rf "$TMP"
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 1' INT TERM
+
+ip netns list >/dev/null 2>&1 || skip "ip netns is unavailable here"
+
+# A free /24: the first N whose bridge name is free and whose subnet is not in use (creating the bridge claims N).
+for i in $(seq 0 250); do
+    ip -4 addr show 2>/dev/null | grep -q " 10\.77\.$i\." && continue
+    if ip link add "stcbr$i" type bridge 2>/dev/null; then
+        N=$i
+        BR=stcbr$i
+        break
+    fi
+done
+[ -n "$N" ] || skip "cannot create a bridge (no free name/subnet, or no permission)"
+NET=10.77.$N
+ip addr add "$NET.1/24" dev "$BR" && ip link set "$BR" up || skip "cannot configure bridge $BR"
+k=2
+for h in a b c; do
+    ns=stc$N-$h
+    ip netns add "$ns" || skip "cannot create network namespace $ns"
+    NSS+=("$ns")
+    ip link add "stc$N-v$h" type veth peer name eth0 netns "$ns" || skip "cannot create a veth pair"
+    ip link set "stc$N-v$h" master "$BR" up
+    ip -n "$ns" addr add "$NET.$k/24" dev eth0
+    ip -n "$ns" link set eth0 up
+    ip -n "$ns" link set lo up
+    k=$((k + 1))
+done
+echo "hosts: ${NSS[*]} on $BR ($NET.2-4)"
+
+# The namespaces must reach each other over the bridge (stages talk to each other): a listener in c, a client in a.
+ip netns exec "stc$N-c" python3 -c '
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((sys.argv[1], 50999)); s.listen(1)
+s.settimeout(10); c, _ = s.accept(); c.sendall(b"ok"); c.close()' "$NET.4" &
+LPID=$!
+ok=""
+for _ in $(seq 1 50); do
+    ok=$(ip netns exec "stc$N-a" python3 -c '
+import socket, sys
+try:
+    s = socket.create_connection((sys.argv[1], 50999), timeout=1); print(s.recv(2).decode())
+except OSError:
+    pass' "$NET.4" 2>/dev/null)
+    [ "$ok" = ok ] && break
+    sleep 0.1
+done
+kill "$LPID" 2>/dev/null; wait "$LPID" 2>/dev/null
+[ "$ok" = ok ] || skip "the namespaces cannot reach each other over $BR (bridge netfilter or a firewall?)"
+
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TMP/secret"
+
+# write_cluster FILE NAME [extra lines for node b] [extra lines for node c]
+write_cluster() {
+    local f=$1 name=$2 b_extra=${3:-} c_extra=${4:-}
+    cat >"$f" <<EOF
+# generated by cluster_ops_netns.sh
+[cluster]
+name = $name
+model = $MODEL
+secret_file = $TMP/secret
+state_dir = $TMP/$name
+api_port = 8100
+parallel = 4
+ctx = 512
+start_timeout = 120
+stop_timeout = 20
+
+[node a]
+address = $NET.2:50051
+netns = stc$N-a
+coordinator = yes
+threads = 1
+
+[node b]
+address = $NET.3:50051
+netns = stc$N-b
+coordinator = candidate
+threads = 1
+$b_extra
+
+[node c]
+address = $NET.4:50051   # the last stage
+netns = stc$N-c
+threads = 1
+$c_extra
+EOF
+    CLUSTER_FILES+=("$f")
+}
+
+no_process_left() {
+    local ns pids
+    for ns in "${NSS[@]}"; do
+        pids=$(ip netns pids "$ns" 2>/dev/null)
+        [ -z "$pids" ] || fail "$1: processes still running in $ns: $(ps -o pid=,args= -p $(echo $pids | tr ' ' ,))"
+    done
+}
+
+# ---- the healthy cluster ----
+MAIN=$TMP/main.ini
+write_cluster "$MAIN" "e2e$N"
+timeout 200 "$STRATA_BIN" cluster start -c "$MAIN" >"$TMP/start.out" 2>"$TMP/start.err"
+rc=$?
+cat "$TMP/start.out"
+[ $rc -eq 0 ] || { cat "$TMP/start.err"; fail "cluster start exited with $rc"; }
+echo "started in $(( $(date +%s) - T0 ))s"
+
+timeout 60 "$STRATA_BIN" cluster status -c "$MAIN" >"$TMP/status.txt" 2>"$TMP/status.err"
+rc=$?
+cat "$TMP/status.txt"
+[ $rc -eq 0 ] || { cat "$TMP/status.err"; fail "cluster status exited with $rc on a running cluster"; }
+for h in a b c; do grep -q "^$h " "$TMP/status.txt" || fail "status has no row for node $h"; done
+grep -q "NODE .*ADDRESS .*ROLE .*LAYERS .*DEVICE .*FREE .*VERIFIED .*HEARTBEAT .*TOK/S" "$TMP/status.txt" ||
+    fail "status table header"
+timeout 60 "$STRATA_BIN" cluster status -c "$MAIN" --json >"$TMP/status.json" 2>"$TMP/status.err"
+rc=$?
+[ $rc -eq 0 ] || { cat "$TMP/status.json" "$TMP/status.err"; fail "cluster status --json exited with $rc"; }
+
+python3 - "$TMP/status.json" "$NET" a <<'PY' || exit 1
+import json, sys
+st = json.load(open(sys.argv[1])); net, coord = sys.argv[2], sys.argv[3]
+ip = {"a": net + ".2", "b": net + ".3", "c": net + ".4"}
+errs = []
+def check(c, m):
+    if not c: errs.append(m)
+check(st["status"] == "running", "status %r" % st["status"])
+co = st["coordinator"]
+check(co["node"] == coord and co["healthy"] and co["url"] == "http://%s:8100" % ip[coord], "coordinator %r" % co)
+check(co.get("n_layers") == 8, "n_layers %r" % co.get("n_layers"))
+nodes = {n["name"]: n for n in st["nodes"]}
+check(sorted(nodes) == ["a", "b", "c"], "nodes %r" % sorted(nodes))
+ranges = []
+for name, n in nodes.items():
+    check(n["address"] == ip[name] + ":50051", "%s address %r" % (name, n["address"]))
+    check(n["process"] == "running" and n["reachable"], "%s process %r reachable %r" % (name, n["process"], n.get("reachable")))
+    check(n["verified"] is True, "%s verified %r" % (name, n["verified"]))
+    check(n["connected"] is True, "%s connected %r" % (name, n["connected"]))
+    check(n["device"] == "cpu" and n["cores"] >= 1 and n["mem_total_bytes"] > 0 and n["mem_free_bytes"] > 0,
+          "%s inventory %r" % (name, {k: n.get(k) for k in ("device", "cores", "mem_total_bytes", "mem_free_bytes")}))
+    check(isinstance(n["last_heartbeat_s"], (int, float)) and 0 <= n["last_heartbeat_s"] < 30,
+          "%s heartbeat %r" % (name, n["last_heartbeat_s"]))
+    check(isinstance(n["tokens_per_s"], (int, float)), "%s tokens_per_s %r" % (name, n["tokens_per_s"]))
+    want_role = "worker+coordinator" if name == coord else "worker"
+    check(n["role"] == want_role, "%s role %r" % (name, n["role"]))
+    if isinstance(n["layers"], list) and len(n["layers"]) == 2:
+        ranges.append((n["layers"][0], n["layers"][1], name))
+    else:
+        errs.append("%s layers %r" % (name, n["layers"]))
+ranges.sort()
+at = 0
+for a, b, name in ranges:
+    check(a == at and b >= a, "layers of %s: %d-%d (expected to start at %d)" % (name, a, b, at))
+    at = b + 1
+check(at == 8 and [r[2] for r in ranges] == ["a", "b", "c"], "placement %r" % ranges)
+if errs:
+    print("FAIL: status --json:\n  " + "\n  ".join(errs))
+    sys.exit(1)
+print("status --json: ok (%s)" % ", ".join("%s %d-%d" % (n, a, b) for a, b, n in ranges))
+PY
+
+# chat CLIENT: prints the completion text of a fixed greedy request, fails on anything else
+chat() {
+    python3 - "$1" <<'PY'
+import json, sys, urllib.request
+req = urllib.request.Request(sys.argv[1] + "/v1/chat/completions", data=json.dumps({
+    "messages": [{"role": "user", "content": "Who made the heaven and the earth?"}],
+    "max_tokens": 12, "temperature": 0}).encode(), headers={"Content-Type": "application/json"})
+try:
+    with urllib.request.urlopen(req, timeout=60) as r:
+        body = json.load(r)
+except Exception as e:
+    print("FAIL: chat completion at %s: %s" % (sys.argv[1], e)); sys.exit(1)
+ch = body["choices"][0]
+if ch["finish_reason"] not in ("stop", "length") or body["usage"]["completion_tokens"] < 1:
+    print("FAIL: chat completion: %r" % body); sys.exit(1)
+print(json.dumps(ch["message"]["content"]))
+PY
+}
+URL_A=http://$NET.2:8100
+URL_B=http://$NET.3:8100
+ANSWER1=$(chat "$URL_A") || fail "chat completion through the cluster (coordinator on a): $ANSWER1"
+echo "answer via a: $ANSWER1"
+
+# ---- migration with a request in flight ----
+python3 - "$URL_A" "$TMP/streaming" >"$TMP/inflight.out" 2>&1 <<'PY' &
+import json, sys, time, urllib.request
+# a long streaming request: it must either finish or end with a clear error, never hang
+req = urllib.request.Request(sys.argv[1] + "/v1/completions", data=json.dumps({
+    "prompt": "And", "max_tokens": 400, "ignore_eos": True, "stream": True}).encode(),
+    headers={"Content-Type": "application/json"})
+t0 = time.time()
+events, done, err = [], False, None
+try:
+    with urllib.request.urlopen(req, timeout=90) as r:
+        for line in r:
+            line = line.decode().strip()
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+                if len(events) == 1:
+                    open(sys.argv[2], "w").close()  # tell the test the request is in flight
+except urllib.error.HTTPError as e:
+    err = "HTTP %d %s" % (e.code, e.read().decode()[:300])
+except Exception as e:
+    err = repr(e)
+last = events[-1] if events else None
+if err:
+    print("RESULT error-status %s" % err)
+elif last and "error" in last:
+    print("RESULT error-event %s" % json.dumps(last["error"]))
+elif done and last and last["choices"][0].get("finish_reason") == "length":
+    print("RESULT finished %d events" % len(events))
+else:
+    print("RESULT bad done=%s last=%r" % (done, last))
+print("SECONDS %.1f" % (time.time() - t0))
+PY
+INFLIGHT=$!
+for _ in $(seq 1 300); do [ -e "$TMP/streaming" ] && break; kill -0 "$INFLIGHT" 2>/dev/null || break; sleep 0.1; done
+[ -e "$TMP/streaming" ] || { cat "$TMP/inflight.out"; fail "the streaming request did not start"; }
+timeout 200 "$STRATA_BIN" cluster migrate -c "$MAIN" --to b >"$TMP/migrate.out" 2>"$TMP/migrate.err"
+rc=$?
+cat "$TMP/migrate.out"
+[ $rc -eq 0 ] || { cat "$TMP/migrate.err"; fail "cluster migrate exited with $rc"; }
+for _ in $(seq 1 300); do kill -0 "$INFLIGHT" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$INFLIGHT" 2>/dev/null && { kill "$INFLIGHT"; fail "the in-flight request hangs 30 s after the migration"; }
+wait "$INFLIGHT"
+cat "$TMP/inflight.out"
+grep -q "^RESULT finished\|^RESULT error-event .*shutting down\|^RESULT error-status .*shutting down" "$TMP/inflight.out" ||
+    fail "the in-flight request neither finished nor got a clear error"
+grep -q "coordinator migrated to b: $URL_B" "$TMP/migrate.out" || fail "migrate does not print the new address"
+
+timeout 60 "$STRATA_BIN" cluster status -c "$MAIN" --json >"$TMP/status2.json"
+rc=$?
+[ $rc -eq 0 ] || { cat "$TMP/status2.json"; fail "status after migrate exited with $rc"; }
+python3 - "$TMP/status2.json" "$NET" b <<'PY' || exit 1
+import json, sys
+st = json.load(open(sys.argv[1])); net = sys.argv[2]
+co = st["coordinator"]
+ok = st["status"] == "running" and co["node"] == "b" and co["healthy"] and co["url"] == "http://%s.3:8100" % net
+roles = {n["name"]: n["role"] for n in st["nodes"]}
+ok = ok and roles == {"a": "worker", "b": "worker+coordinator", "c": "worker"}
+ok = ok and all(n["verified"] is True for n in st["nodes"])
+if not ok:
+    print("FAIL: status after migrate: %s %r %r" % (st["status"], co, roles)); sys.exit(1)
+print("status after migrate: ok")
+PY
+python3 -c '
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], 8100), timeout=2)
+except OSError:
+    sys.exit(0)
+sys.exit(1)' "$NET.2" || fail "the old coordinator address still accepts connections"
+ANSWER2=$(chat "$URL_B") || fail "chat completion after the migration: $ANSWER2"
+echo "answer via b: $ANSWER2"
+[ "$ANSWER1" = "$ANSWER2" ] || fail "greedy answers differ before and after the migration: $ANSWER1 vs $ANSWER2"
+
+# a second start is refused while running
+timeout 60 "$STRATA_BIN" cluster start -c "$MAIN" >"$TMP/again.out" 2>"$TMP/again.err" && fail "a second start succeeded"
+grep -q "already running" "$TMP/again.err" || { cat "$TMP/again.err"; fail "a second start: no 'already running'"; }
+
+timeout 120 "$STRATA_BIN" cluster stop -c "$MAIN" >"$TMP/stop.out" 2>"$TMP/stop.err"
+rc=$?
+cat "$TMP/stop.out"
+[ $rc -eq 0 ] || { cat "$TMP/stop.err"; fail "cluster stop exited with $rc"; }
+no_process_left "after cluster stop"
+[ ! -e "$TMP/e2e$N/state" ] || fail "the state file is still there after stop"
+timeout 60 "$STRATA_BIN" cluster status -c "$MAIN" >"$TMP/status3.txt" 2>&1
+rc=$?
+[ $rc -eq 3 ] || { cat "$TMP/status3.txt"; fail "status of a stopped cluster exited with $rc, expected 3"; }
+echo "stop: ok ($(( $(date +%s) - T0 ))s)"
+
+# ---- a node whose model file differs by one byte ----
+BAD=$TMP/model-bad
+mkdir -p "$BAD"
+for f in "$MODEL"/*; do
+    case $(basename "$f") in model*.safetensors) cp "$f" "$BAD/" ;; *) ln -s "$f" "$BAD/" ;; esac
+done
+TENSOR=$(python3 - "$BAD" <<'PY'
+import glob, json, struct, sys
+# flip one byte in the middle of a layer-7 tensor (the last stage: node c)
+for path in sorted(glob.glob(sys.argv[1] + "/model*.safetensors")):
+    with open(path, "r+b") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        hdr = json.loads(f.read(n))
+        names = sorted(k for k in hdr if k.startswith("model.layers.7.") and k.endswith(".weight")
+                       and hdr[k]["data_offsets"][1] > hdr[k]["data_offsets"][0])
+        if not names:
+            continue
+        name = names[0]
+        a, b = hdr[name]["data_offsets"]
+        off = 8 + n + (a + b) // 2
+        f.seek(off); v = f.read(1); f.seek(off); f.write(bytes([v[0] ^ 0x5A]))
+        print(name)
+        sys.exit(0)
+sys.exit(1)
+PY
+) || fail "cannot alter the model copy"
+echo "altered tensor $TENSOR in the copy for node c"
+DIFF=$TMP/differs.ini
+write_cluster "$DIFF" "e2ebad$N" "" "model = $BAD"
+timeout 200 "$STRATA_BIN" cluster start -c "$DIFF" >"$TMP/differs.out" 2>"$TMP/differs.err"
+rc=$?
+cat "$TMP/differs.out" "$TMP/differs.err"
+[ $rc -ne 0 ] || fail "cluster start succeeded with a node whose weights differ"
+grep -q "node c" "$TMP/differs.err" || fail "the error does not name node c"
+grep -qF "$TENSOR" "$TMP/differs.err" || fail "the error does not name the tensor $TENSOR"
+no_process_left "after the failed start (weights differ)"
+
+# ---- a node lacking memory for its layers ----
+MEM=$TMP/memory.ini
+write_cluster "$MEM" "e2emem$N" "max_memory = 1M"
+timeout 200 "$STRATA_BIN" cluster start -c "$MEM" >"$TMP/memory.out" 2>"$TMP/memory.err"
+rc=$?
+cat "$TMP/memory.out" "$TMP/memory.err"
+[ $rc -ne 0 ] || fail "cluster start succeeded with a node lacking memory"
+grep -q "node b .*lacks memory for layers [0-9]*-[0-9]*: needs [0-9.]* [KMGT]\{0,1\}i\{0,1\}B, has [0-9.]* [KMGT]\{0,1\}i\{0,1\}B free" \
+    "$TMP/memory.err" ||
+    fail "the error does not say that node b lacks memory and how much"
+no_process_left "after the failed start (memory)"
+
+# the processes were not children of this script: their logs tell whether a sanitizer (make asan) complained
+bad=$(grep -l "ERROR: AddressSanitizer\|ERROR: LeakSanitizer\|runtime error:" "$TMP"/*/logs/*.log 2>/dev/null)
+[ -z "$bad" ] || { for f in $bad; do echo "--- $f"; grep -A 20 "Sanitizer\|runtime error" "$f" | head -40; done
+                   fail "sanitizer reports in the process logs"; }
+echo "cluster_ops_netns: ok ($(( $(date +%s) - T0 ))s)"
