@@ -19,7 +19,7 @@ wport=$(sed -n 's/^listening .*:\([0-9]*\)$/\1/p' "$tmp/w.out")
 $BIN serve "${model[@]}" --port 0 --threads "$threads" --parallel 8 2>"$tmp/s.log" & pids+=($!)
 $BIN serve "${model[@]}" --port 0 --threads "$threads" --parallel 8 --worker 127.0.0.1:$wport 2>"$tmp/c.log" & pids+=($!)
 for f in s c; do
-    for _ in $(seq 600); do grep -q "listening on" "$tmp/$f.log" && break; sleep 0.1; done
+    for _ in $(seq 600); do grep -q "listening on http://" "$tmp/$f.log" && break; sleep 0.1; done
 done
 url() { echo "http://$(grep -ao 'listening on http://[0-9.:]*' "$tmp/$1.log" | head -1 | sed 's|listening on http://||')"; }
 echo "model: ${model[*]}, $tokens tokens per stream, $threads thread(s) per process, $(nproc) cores"
