@@ -6,7 +6,7 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 pkgs="build-essential pkg-config xz-utils bc libmicrohttpd-dev libjansson-dev libpcre2-dev libutf8proc-dev libxxhash-dev"
 if [ "${1:-}" = "--with-tests" ]; then
-    pkgs="$pkgs curl python3 iproute2 clang libclang-rt-14-dev prometheus"
+    pkgs="$pkgs curl python3 iproute2 clang libclang-rt-14-dev prometheus chromium"
     command -v npm >/dev/null 2>&1 || pkgs="$pkgs nodejs npm"
 fi
 missing=""

@@ -30,7 +30,10 @@
 #define KEEPALIVE_S 10.0 /* at most; and under half the idle timeout, or libmicrohttpd drops a quiet stream */
 #define STOP_GRACE_S 3.0
 
-enum route_id { R_CHAT, R_COMPLETIONS, R_MODELS, R_MODEL, R_HEALTH, R_METRICS, R_TOKENIZE, R_DETOKENIZE, R_CLUSTER, R_COUNT };
+enum route_id {
+    R_CHAT, R_COMPLETIONS, R_MODELS, R_MODEL, R_HEALTH, R_METRICS, R_TOKENIZE, R_DETOKENIZE, R_CLUSTER, R_PAGE, R_PAGE_INDEX,
+    R_COUNT
+};
 
 struct route_def {
     const char *path;   /* exact path, or a prefix when prefix is set */
@@ -50,6 +53,9 @@ static const struct route_def routes[R_COUNT] = {
     [R_TOKENIZE] = {"/tokenize", false, true, false, METRICS_ROUTE_TOKENIZE},
     [R_DETOKENIZE] = {"/detokenize", false, true, false, METRICS_ROUTE_DETOKENIZE},
     [R_CLUSTER] = {"/v1/cluster", false, false, false, METRICS_ROUTE_OTHER},
+    /* the web page (webui.c): open, its script asks for the key and sends it to the API */
+    [R_PAGE] = {"/", false, false, true, METRICS_ROUTE_OTHER},
+    [R_PAGE_INDEX] = {"/index.html", false, false, true, METRICS_ROUTE_OTHER},
 };
 
 struct server;
@@ -673,6 +679,26 @@ static enum MHD_Result do_cluster(struct server *srv, struct MHD_Connection *c, 
     return send_json(c, q, 200, o);
 }
 
+/* The web page (static, open: the script sends the API key to the API), with a CSP that admits only its own
+ * inline script and style. */
+static enum MHD_Result do_page(struct server *srv, struct MHD_Connection *c, struct http_req *q)
+{
+    struct webui_page p;
+    webui_page(srv->api_key != NULL, &p);
+    struct MHD_Response *r = MHD_create_response_from_buffer(p.len, (void *)p.body, MHD_RESPMEM_PERSISTENT);
+    if (!r) return MHD_NO;
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, "text/html; charset=utf-8");
+    MHD_add_response_header(r, "Content-Security-Policy", p.csp);
+    MHD_add_response_header(r, "X-Content-Type-Options", "nosniff");
+    MHD_add_response_header(r, "X-Frame-Options", "DENY");
+    MHD_add_response_header(r, "Referrer-Policy", "no-referrer");
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
+    q->status = 200;
+    enum MHD_Result ret = MHD_queue_response(c, 200, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
 /* ---- libmicrohttpd callbacks ---- */
 
 static bool auth_ok(struct server *srv, struct MHD_Connection *c)
@@ -798,6 +824,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     case R_HEALTH: return do_health(srv, c, q);
     case R_METRICS: return do_metrics(srv, c, q);
     case R_CLUSTER: return do_cluster(srv, c, q);
+    case R_PAGE:
+    case R_PAGE_INDEX: return do_page(srv, c, q);
     case R_MODELS: return send_json(c, q, 200, api_models_json(srv->model_name, srv->lim.n_ctx, srv->created));
     case R_MODEL: {
         const char *id = url + strlen(routes[R_MODEL].path);

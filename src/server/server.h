@@ -257,4 +257,15 @@ int server_port(const struct server *srv);
 /* Stops (see the contract above). */
 void server_free(struct server *srv);
 
+/* ---- webui: the page for people at GET / (webui.c) ---- */
+struct webui_page {
+    const char *body; /* the HTML document: static storage, never freed */
+    size_t len;
+    const char *csp;  /* the Content-Security-Policy header to send with it (inline script and style by hash) */
+};
+/* The page for a server that needs an API key (need_key: the page asks for it before calling the API) or not.
+ * Built on first use; thread-safe. */
+void webui_page(bool need_key, struct webui_page *out);
+/* ---- end webui ---- */
+
 #endif
