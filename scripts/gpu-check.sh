@@ -2,13 +2,16 @@
 # One call on a GPU machine: build with CUDA, run the GPU tests (make test-cuda), benchmark, check memory with
 # compute-sanitizer; prints a short summary table last. Logs go to $OUT (the device tool's folder) or
 # build/gpu-check (at most 8 files).
-#   scripts/gpu-check.sh [all|nosan|split|split-only] [budget_seconds]
+#   scripts/gpu-check.sh [all|nosan|perf|split|split-only] [budget_seconds]
 #     all        build + test-cuda + cuda_bench (Qwen3-1.7B shape, 8-bit, GPU 0) + memcheck on the quick test set
 #     nosan      the same without compute-sanitizer
+#     perf       build + test-cuda + cuda_bench + ncu of one decode step at batch 1 and 32 (kernel table)
 #     split      build + test-cuda + cuda_bench + the 70B bf16 shape split over two GPUs + memcheck if time is left
 #     split-only build, then only the 70B split
-# Steps are cut to fit the budget (default 560 s); the summary says what ran. Without the -dev packages on the
-# machine (and no registry), the copy made by scripts/gpu-deps.sh in .carry/deps is used (carry it with the call).
+# cuda_bench runs with --variants --profile (feature switches, per-kernel profile). Steps are cut to fit the budget
+# (default 560 s); the summary says what ran. Without the -dev packages on the machine (and no registry), the copy
+# made by scripts/gpu-deps.sh in .carry/deps is used; CUDA objects prebuilt by `scripts/gpu-deps.sh cuobj` in
+# .carry/cuobj are used when their source hash matches (carry both with the call).
 set -u
 mode=${1:-all}
 budget=${2:-560}
@@ -76,9 +79,21 @@ if ! echo "$probe" | cc -x c - -o /dev/null -lmicrohttpd -ljansson -lpcre2-8 -lu
     fi
 fi
 
+# prebuilt CUDA objects, when built from exactly these sources
+cu_hash=$(cat src/backend/cuda/*.cu src/backend/cuda/*.cuh src/backend/cuda/*.h src/backend/backend.h src/model/*.h \
+    src/core/*.h | sha256sum | cut -d' ' -f1)
+if [ -f .carry/cuobj/stamp ] && [ "$(cat .carry/cuobj/stamp)" = "$cu_hash" ]; then
+    mkdir -p "$build/obj/src/backend/cuda"
+    cp .carry/cuobj/*.o "$build/obj/src/backend/cuda/"
+    touch "$build/obj/src/backend/cuda/"*.o
+    echo "CUDA objects: prebuilt (.carry/cuobj, hash $cu_hash)" >>"$out/env.txt"
+elif [ -d .carry/cuobj ]; then
+    echo "CUDA objects: .carry/cuobj is stale (sources changed), compiling" >>"$out/env.txt"
+fi
+
 # build (-k: a test of another module that does not compile must not stop ours)
 t0=$(date +%s)
-make -k -j"$(nproc)" CUDA=1 BUILD="$build" "${mk[@]}" all tests "$build/cuda_bench" >"$out/build.log" 2>&1
+make -k -j"$(nproc)" CUDA=1 MPI=0 BUILD="$build" "${mk[@]}" all tests "$build/cuda_bench" >"$out/build.log" 2>&1
 brc=$?
 make BUILD="$build" fixtures >>"$out/build.log" 2>&1
 missing=""
@@ -91,7 +106,7 @@ if [ -n "$missing" ]; then
 fi
 {
     echo "== kernels (cuobjdump) =="
-    cuobjdump --dump-resource-usage "$build/obj/src/backend/cuda/cuda_matmul.o" | grep -A1 -E 'mm_kernel|f32mm' | grep -E 'Function|REG'
+    cuobjdump --dump-resource-usage "$build/obj/src/backend/cuda/cuda_matmul.o" | grep -A1 -E 'mm_kernel|mm2_kernel|f32mm' | grep -E 'Function|REG'
     echo "HMMA in mm kernels: $(cuobjdump --dump-sass "$build/obj/src/backend/cuda/cuda_matmul.o" | grep -c HMMA)"
     echo "local memory (LDL/STL) in mm kernels: $(cuobjdump --dump-sass "$build/obj/src/backend/cuda/cuda_matmul.o" | grep -cE 'LDL|STL')"
 } >>"$out/env.txt" 2>&1
@@ -99,7 +114,8 @@ row "sass" "$(tail -2 "$out/env.txt" | tr '\n' ' ')"
 
 if [ "$mode" != split-only ]; then
     t0=$(date +%s)
-    CHECK_VERBOSE=1 STRATA_TEST_CUDA=1 timeout "$(limit 240)" scripts/run-tests.sh "$build" cuda >"$out/test.log" 2>&1
+    # QUICK_TESTS=1: the reduced set (STRATA_TEST_QUICK) to save device time
+    CHECK_VERBOSE=1 STRATA_TEST_CUDA=1 STRATA_TEST_QUICK=${QUICK_TESTS:-0} timeout "$(limit 240)" scripts/run-tests.sh "$build" cuda >"$out/test.log" 2>&1
     trc=$?
     cp "$build/test-logs/test_cuda.log" "$out/test_cuda.log" 2>/dev/null
     row "make test-cuda" "exit $trc, $(tail -1 "$out/test.log" | head -c 80), $(($(date +%s) - t0)) s"
@@ -110,7 +126,7 @@ if [ "$mode" != split-only ]; then
     fi
 
     t0=$(date +%s)
-    timeout "$(limit 150)" "$build/cuda_bench" --variants >"$out/bench.log" 2>&1
+    timeout "$(limit 150)" "$build/cuda_bench" --variants --profile >"$out/bench.log" 2>&1
     brc=$?
     row "cuda_bench (Qwen3-1.7B, 8-bit)" "exit $brc, $(($(date +%s) - t0)) s"
     if [ $brc -gt 128 ] && [ $brc -ne 137 ]; then
@@ -121,7 +137,63 @@ if [ "$mode" != split-only ]; then
         row "cuda_bench, graphs off (retry)" "exit $?, $(($(date +%s) - t0)) s"
     fi
     sed -n '/^| figure/,/^$/p' "$out/bench.log"
-    grep -E '^(cuda_bench|copy|weights|graphs)' "$out/bench.log"
+    grep -E '^(device|copy)' "$out/bench.log"
+fi
+
+# ncu: one decode step per batch size in NCU_BATCHES (default 1), every kernel its own launch (no graphs), kernel
+# table by time
+if [ "$mode" = perf ]; then
+    t0=$(date +%s)
+    l=$(limit 100)
+    if command -v ncu >/dev/null 2>&1 && [ "$l" -gt 40 ]; then
+        STRATA_CUDA_GRAPHS=0 timeout "$l" ncu --profile-from-start off --cache-control none --clock-control none \
+            --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,smsp__inst_executed.sum \
+            --csv --page raw --print-units base "$build/cuda_bench" --ncu --batches "${NCU_BATCHES:-1}" >"$out/ncu.csv" 2>"$out/ncu.err"
+        nrc=$?
+        python3 - "$out/ncu.csv" >"$out/ncu_summary.txt" 2>&1 <<'PY'
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if r]
+hi = next(i for i, r in enumerate(rows) if 'Kernel Name' in r)
+h = rows[hi]
+col = {n: h.index(n) for n in h}
+def num(r, n):
+    try: return float(r[col[n]].replace(',', ''))
+    except (KeyError, ValueError): return 0.0
+data = [r for r in rows[hi + 1:] if len(r) == len(h) and r[col['ID']].strip().isdigit()]
+# two profiled steps (batch 1, then batch 32) in launch order: a step has one embedding kernel
+steps, cur = [], []
+for r in data:
+    if 'embed_kernel' in r[col['Kernel Name']] and any('embed_kernel' in x[col['Kernel Name']] for x in cur):
+        steps.append(cur); cur = []
+    cur.append(r)
+if cur: steps.append(cur)
+for si, st in enumerate(steps):
+    agg = collections.OrderedDict()
+    for r in st:
+        name = r[col['Kernel Name']].split('(')[0][:40]
+        mb = (num(r, 'dram__bytes_read.sum') + num(r, 'dram__bytes_write.sum')) / 1e6
+        key = (name, r[col['Grid Size']], r[col['Block Size']], round(mb) if mb >= 2 else round(mb, 1))
+        a = agg.setdefault(key, [0, 0.0, 0.0, 0.0, 0.0])
+        a[0] += 1; a[1] += num(r, 'gpu__time_duration.sum'); a[2] += num(r, 'dram__bytes_read.sum') + num(r, 'dram__bytes_write.sum')
+        a[3] += num(r, 'sm__warps_active.avg.pct_of_peak_sustained_active'); a[4] = num(r, 'launch__registers_per_thread')
+        a.append(num(r, 'smsp__inst_executed.sum'))
+    tot = sum(a[1] for a in agg.values())
+    print('step %d: %d kernels, %.1f us in kernels (serialized by ncu)' % (si, len(st), tot / 1e3))
+    print('| kernel | grid | block | DRAM MB each | n | us total | us each | DRAM GB/s | warps active % | regs | warp instr / KB DRAM |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|')
+    for k, a in sorted(agg.items(), key=lambda kv: -kv[1][1])[:18]:
+        print('| %s | %s | %s | %s | %d | %.1f | %.2f | %.0f | %.0f | %d | %.0f |' % (k[0], k[1], k[2], k[3], a[0], a[1] / 1e3,
+              a[1] / 1e3 / a[0], a[2] / a[1] if a[1] else 0, a[3] / a[0], a[4], sum(a[5:]) / (a[2] / 1e3) if a[2] else 0))
+    print()
+PY
+        row "ncu (one step per batch size)" "exit $nrc, $(($(date +%s) - t0)) s"
+        cat "$out/ncu_summary.txt"
+        { echo "== ncu stderr =="; tail -20 "$out/ncu.err"; } >>"$out/ncu_summary.txt"
+        rm -f "$out/ncu.err"
+        gzip -f "$out/ncu.csv"
+    else
+        row "ncu" "skipped (no ncu or budget)"
+    fi
 fi
 
 memcheck() { # memcheck SECONDS: the quick test set under compute-sanitizer (GPU 0)
@@ -130,7 +202,7 @@ memcheck() { # memcheck SECONDS: the quick test set under compute-sanitizer (GPU
     echo $? >"$out/.memcheck_rc"
 }
 memcheck_row() {
-    row "compute-sanitizer memcheck (quick)" "exit $(cat "$out/.memcheck_rc" 2>/dev/null), $(grep -m1 'ERROR SUMMARY' "$out/memcheck.log"), $(grep -cE '^(ok|FAIL) ' "$out/memcheck.log") tests done, $(($(date +%s) - $1)) s"
+    row "compute-sanitizer memcheck (quick)" "exit $(cat "$out/.memcheck_rc" 2>/dev/null), $(grep -m1 'ERROR SUMMARY' "$out/memcheck.log"), $(grep -m1 -E '^[0-9]+ tests,' "$out/memcheck.log"), $(($(date +%s) - $1)) s"
     rm -f "$out/.memcheck_rc"
     grep -m3 -A6 'Invalid\|Race\|Uninit' "$out/memcheck.log" | head -24
 }
@@ -154,7 +226,7 @@ if [ "$mode" = split ] || [ "$mode" = split-only ]; then
     fi
 fi
 
-if [ "$mode" = all ] || { [ "$mode" = split ] && [ "$ngpu" -lt 2 ]; }; then
+if [ "$mode" = all ] || { [ "$mode" = split ] && [ "$ngpu" -lt 2 ]; } || { [ "$mode" = perf ] && [ "${MEMCHECK:-0}" = 1 ]; }; then
     ms=$(date +%s)
     l=$(limit 200)
     if [ "$l" -gt 45 ]; then

@@ -2,7 +2,9 @@
  *   - every op against the CPU scalar reference on odd shapes and fresh seeded random data (matmul: Q8/Q4 with
  *     group 32/64/128 and bf16/f16/f32 scales, bf16, f16, f32 weights; batch sizes across the kernel's tiles);
  *   - a row's matmul result is bit-identical whatever batch it is computed in;
- *   - fusion, graphs and programmatic launch change no bit (op level and whole forwards);
+ *   - fusion, graphs, programmatic launch and the v2 kernels (streaming matmul under several grid caps, register
+ *     q/k, cp.async attention) change no bit (op level and whole forwards);
+ *   - the pipelined download, the profiler and the benchmark API;
  *   - the golden tests of tests/test_engine_golden.c and the shape fixtures of tests/test_shapes.c on the GPU;
  *   - a model split over two pipeline stages (two GPUs when present, else two stages on one) gives exactly the
  *     single-GPU tokens and logprobs.
@@ -24,12 +26,15 @@
 #include "sample/sample.h"
 #include "server/sched.h"
 #ifdef STRATA_CUDA
+#include <cuda_runtime.h>
+
 #include "backend/cuda/cuda_backend.h"
 #endif
 
 #ifdef STRATA_CUDA
 
 #define LOGPROB_TOL 1e-3
+#define V1_FLAGS (CUDA_FLAG_GRAPHS | CUDA_FLAG_FUSE | CUDA_FLAG_PDL)
 #define MARGIN_MIN 0.02
 
 static struct backend *g_cpu, *g_gpu;
@@ -219,7 +224,7 @@ static void test_matmul_parity(void)
                 fprintf(stderr, "    same call with fusion/graphs/PDL off: %s\n",
                         memcmp(y2, y_gpu, sizeof(float) * (size_t)n * mc->rows) ? "DIFFERENT result" : "same result");
                 free(y2);
-                cuda_backend_set_flags(g_gpu, CUDA_FLAG_FUSE | CUDA_FLAG_GRAPHS | CUDA_FLAG_PDL);
+                cuda_backend_set_flags(g_gpu, CUDA_FLAG_DEFAULT);
             }
             if (worst_cpu > 4e-5)
                 fprintf(stderr, "    note: the CPU scalar reference is %.2e of sum|wx| from the exact product for %s n=%d\n",
@@ -247,10 +252,19 @@ static void test_matmul_batch_invariance(void)
     char err[ST_ERR_LEN], desc[96];
     static const struct mm_case cs[] = {{WT_Q8, 67, 320, 64, DT_BF16}, {WT_Q4, 45, 192, 32, DT_BF16},
                                         {WT_BF16, 33, 96, 0, DT_BF16}, {WT_F32, 19, 100, 0, DT_BF16},
-                                        {WT_Q8, 2048, 2048, 64, DT_BF16}};
+                                        {WT_Q8, 2048, 2048, 64, DT_BF16}, {WT_Q8, 300, 6144, 64, DT_BF16},
+                                        {WT_Q4, 200, 1024, 128, DT_F16}};
     /* batches: rows [0,1) [1,2) [2,11) [11,31) [31,37) [0,37) */
     static const int split[][2] = {{0, 1}, {1, 1}, {2, 9}, {11, 20}, {31, 6}};
     const int N = 37;
+    /* the whole batch with the v1 kernels is the reference; then every schedule of the v2 matmul, each split */
+    static const struct {
+        unsigned flags;
+        int bps, grid_max, tb;
+    } sched[] = {{V1_FLAGS, -1, 0, 0},      {CUDA_FLAG_ALL, -1, 0, 0}, {CUDA_FLAG_ALL, 0, 0, 0},
+                 {CUDA_FLAG_ALL, 2, 3, 0},       {CUDA_FLAG_ALL, 1, 1, 3},  {CUDA_FLAG_ALL, 1, 5, 2},
+                 {CUDA_FLAG_ALL, 1, 7, 4},       {CUDA_FLAG_ALL & ~(unsigned)CUDA_FLAG_MMTMA, -1, 0, 0},
+                 {CUDA_FLAG_ALL & ~(unsigned)CUDA_FLAG_MMTMA, 1, 3, 4}};
     for (size_t ci = 0; ci < ST_ARRAY_LEN(cs); ci++) {
         struct hweight h;
         hw_make(&h, cs[ci].t, cs[ci].rows, cs[ci].cols, cs[ci].gs, cs[ci].sdt);
@@ -261,14 +275,32 @@ static void test_matmul_batch_invariance(void)
         float *x = rand_f((int64_t)N * K, -2.0f, 2.0f);
         float *all = malloc(sizeof(float) * (size_t)N * M), *part = malloc(sizeof(float) * (size_t)N * M);
         float *dx = to_dev(x, sizeof(float) * (size_t)N * K), *dy = to_dev(NULL, sizeof(float) * (size_t)N * M);
+        cuda_backend_set_flags(g_gpu, V1_FLAGS);
         g_gpu->ops->matmul(g_gpu, dy, &wg, dx, N, NULL);
         from_dev(all, dy, sizeof(float) * (size_t)N * M);
-        for (size_t s = 0; s < ST_ARRAY_LEN(split); s++) {
-            const int r0 = split[s][0], n = split[s][1];
-            g_gpu->ops->matmul(g_gpu, dy + (size_t)r0 * M, &wg, dx + (size_t)r0 * K, n, NULL);
+        for (size_t sc = 0; sc < ST_ARRAY_LEN(sched); sc++) {
+            cuda_backend_set_flags(g_gpu, sched[sc].flags);
+            cuda_backend_set_mm_schedule(g_gpu, sched[sc].bps, sched[sc].grid_max, sched[sc].tb);
+            for (int i = 0; i < N * M; i++) part[i] = NAN;
+            g_gpu->ops->upload(g_gpu, dy, part, sizeof(float) * (size_t)N * M); /* poison */
+            if (sc > 0) { /* the whole batch in one call */
+                g_gpu->ops->matmul(g_gpu, dy, &wg, dx, N, NULL);
+                from_dev(part, dy, sizeof(float) * (size_t)N * M);
+                CHECK_MSG(memcmp(all, part, sizeof(float) * (size_t)N * M) == 0,
+                          "%s: flags %u, %d blocks/SM, grid <= %d: differs from the v1 kernel", desc, sched[sc].flags,
+                          sched[sc].bps, sched[sc].grid_max);
+            }
+            for (size_t s = 0; s < ST_ARRAY_LEN(split); s++) {
+                const int r0 = split[s][0], n = split[s][1];
+                g_gpu->ops->matmul(g_gpu, dy + (size_t)r0 * M, &wg, dx + (size_t)r0 * K, n, NULL);
+            }
+            from_dev(part, dy, sizeof(float) * (size_t)N * M);
+            CHECK_MSG(memcmp(all, part, sizeof(float) * (size_t)N * M) == 0,
+                      "%s: a row's result depends on its batch (flags %u, %d blocks/SM, grid <= %d)", desc, sched[sc].flags,
+                      sched[sc].bps, sched[sc].grid_max);
         }
-        from_dev(part, dy, sizeof(float) * (size_t)N * M);
-        CHECK_MSG(memcmp(all, part, sizeof(float) * (size_t)N * M) == 0, "%s: a row's result depends on its batch", desc);
+        cuda_backend_set_flags(g_gpu, CUDA_FLAG_DEFAULT);
+        cuda_backend_set_mm_schedule(g_gpu, -1, 0, 0);
         g_gpu->ops->dealloc(g_gpu, dx);
         g_gpu->ops->dealloc(g_gpu, dy);
         g_gpu->ops->weight_release(g_gpu, &wg);
@@ -421,6 +453,15 @@ static void attention_case(int n_slots, int n_ctx, int nh, int nkv, int hd, int 
     char what[96];
     snprintf(what, sizeof(what), "attention n=%d heads %d/%d hd %d ctx %d", n, nh, nkv, hd, n_ctx);
     check_close(what, ref, got, on, 0.0, 2e-5);
+    { /* the first kernel version gives the same bits */
+        float *got1 = malloc(sizeof(float) * (size_t)on);
+        cuda_backend_set_flags(g_gpu, CUDA_FLAG_ALL & ~(unsigned)CUDA_FLAG_ATTNV2);
+        g_gpu->ops->attention(g_gpu, dout, dq, dkc, dvc, &db, nh, nkv, hd, n_ctx, scale);
+        CHECK(from_dev(got1, dout, sizeof(float) * (size_t)on) == 0);
+        cuda_backend_set_flags(g_gpu, CUDA_FLAG_DEFAULT);
+        CHECK_MSG(memcmp(got, got1, sizeof(float) * (size_t)on) == 0, "%s: v1 and v2 kernels differ", what);
+        free(got1);
+    }
     float *kc_got = malloc(sizeof(float) * (size_t)cache);
     CHECK(from_dev(kc_got, dkc, sizeof(float) * (size_t)cache) == 0);
     CHECK_MSG(memcmp(kc_got, kc_ref, sizeof(float) * (size_t)cache) == 0, "kv_store: k cache differs");
@@ -561,25 +602,34 @@ static void test_fusion_ops(void)
                 pos[i] = (i * 7) % n_ctx;
             }
             int32_t *dpos = to_dev(pos, sizeof(int32_t) * (size_t)n), *dslot = to_dev(slot, sizeof(int32_t) * (size_t)n);
-            for (int f = 0; f < 2; f++) {
-                cuda_backend_set_flags(g_gpu, f ? (CUDA_FLAG_FUSE | CUDA_FLAG_GRAPHS | CUDA_FLAG_PDL) : 0);
+            /* the plain run (no fusion, graphs, PDL, first kernel versions) is the reference */
+            static const struct {
+                unsigned flags;
+                int bps, grid_max, tb;
+            } cfg[] = {{0, -1, 0, 0},
+                       {CUDA_FLAG_ALL, -1, 0, 0},
+                       {CUDA_FLAG_ALL, 0, 2, 1},
+                       {CUDA_FLAG_ALL, 1, 3, 4},
+                       {V1_FLAGS, -1, 0, 0},
+                       {CUDA_FLAG_MMV2 | CUDA_FLAG_ATTNV2, 1, 1, 3},
+                       {CUDA_FLAG_MMV2 | CUDA_FLAG_MMTMA, 2, 5, 2}};
+            for (size_t f = 0; f < ST_ARRAY_LEN(cfg); f++) {
+                cuda_backend_set_flags(g_gpu, cfg[f].flags);
+                cuda_backend_set_mm_schedule(g_gpu, cfg[f].bps, cfg[f].grid_max, cfg[f].tb);
+                const int o = f ? 1 : 0;
                 for (int rep = 0; rep < (f ? 3 : 1); rep++) { /* the third run replays a graph */
                     for (int i = 0; i < 12; i++) g_gpu->ops->upload(g_gpu, dev[i], init[i], sizeof(float) * (size_t)sz[i]);
                     layer_ops(g_gpu, n, dim, hidden, nh, nkv, hd, w, dev, dv, dpos, dslot, n_ctx);
-                    for (int i = 0; i < 11; i++) from_dev(res[f][i], dev[i], sizeof(float) * (size_t)sz[i]);
-                    if (f && rep > 0)
+                    for (int i = 0; i < 11; i++) from_dev(res[o][i], dev[i], sizeof(float) * (size_t)sz[i]);
+                    if (f)
                         for (int i = 0; i < 11; i++)
                             CHECK_MSG(memcmp(res[0][i], res[1][i], sizeof(float) * (size_t)sz[i]) == 0,
-                                      "%s n=%d: buffer %d differs between the features-on runs and the plain run",
-                                      wtype_name(t), n, i);
-                }
-                if (f) {
-                    for (int i = 0; i < 11; i++)
-                        CHECK_MSG(memcmp(res[0][i], res[1][i], sizeof(float) * (size_t)sz[i]) == 0,
-                                  "%s n=%d: buffer %d differs with fusion/graphs/PDL", wtype_name(t), n, i);
+                                      "%s n=%d: buffer %d differs with flags %u (%d blocks/SM, grid <= %d), run %d",
+                                      wtype_name(t), n, i, cfg[f].flags, cfg[f].bps, cfg[f].grid_max, rep);
                 }
             }
-            cuda_backend_set_flags(g_gpu, CUDA_FLAG_FUSE | CUDA_FLAG_GRAPHS | CUDA_FLAG_PDL);
+            cuda_backend_set_flags(g_gpu, CUDA_FLAG_DEFAULT);
+            cuda_backend_set_mm_schedule(g_gpu, -1, 0, 0);
             for (int i = 0; i < 12; i++) {
                 g_gpu->ops->dealloc(g_gpu, dev[i]);
                 free(init[i]);
@@ -598,6 +648,125 @@ static void test_fusion_ops(void)
             }
         }
     }
+}
+
+/* Downloads: pageable destinations through the pinned pipeline (several pieces, odd sizes, a misaligned
+ * destination), a page-locked destination straight from the device, and small ones; every byte checked. */
+static void test_download(void)
+{
+    static const size_t sizes[] = {1000, (256 << 10) - 4, (256 << 10) + 4, (5 << 20) + 12, (9 << 20) + 36};
+    for (int f = 0; f < 2; f++) {
+        cuda_backend_set_flags(g_gpu, f ? CUDA_FLAG_ALL : (CUDA_FLAG_ALL & ~(unsigned)CUDA_FLAG_DLPIPE));
+        for (size_t si = 0; si < ST_ARRAY_LEN(sizes); si++) {
+            const size_t n = sizes[si] / 4;
+            float *src = rand_f((int64_t)n, -1.0f, 1.0f);
+            float *d = to_dev(src, sizeof(float) * n);
+            unsigned char *raw = malloc(sizeof(float) * n + 16);
+            float *dst = (float *)(raw + 4 * (si & 1)); /* every other one not 8-byte aligned */
+            memset(dst, 0xff, sizeof(float) * n);
+            CHECK(from_dev(dst, d, sizeof(float) * n) == 0);
+            CHECK_MSG(memcmp(dst, src, sizeof(float) * n) == 0, "download of %zu bytes (pipeline %s) differs", sizeof(float) * n,
+                      f ? "on" : "off");
+            free(raw);
+            float *pinned = NULL;
+            if (cudaMallocHost((void **)&pinned, sizeof(float) * n) == cudaSuccess) {
+                memset(pinned, 0xff, sizeof(float) * n);
+                CHECK(from_dev(pinned, d, sizeof(float) * n) == 0);
+                CHECK_MSG(memcmp(pinned, src, sizeof(float) * n) == 0, "download of %zu bytes into pinned memory differs",
+                          sizeof(float) * n);
+                cudaFreeHost(pinned);
+            }
+            g_gpu->ops->dealloc(g_gpu, d);
+            free(src);
+        }
+    }
+    cuda_backend_set_flags(g_gpu, CUDA_FLAG_DEFAULT);
+}
+
+/* The profiler's rows: mode 1 names and times every kernel, mode 2 the queue's device span. */
+static void test_profile(void)
+{
+    char err[ST_ERR_LEN];
+    struct hweight h;
+    hw_make(&h, WT_Q8, 512, 1024, 64, DT_BF16);
+    struct weight wg = h.w;
+    REQUIRE_MSG(g_gpu->ops->weight_prepare(g_gpu, &wg, err) == 0, "%s", err);
+    float *x = rand_f(3 * 1024, -1, 1);
+    float *dx = to_dev(x, sizeof(float) * 3 * 1024), *dy = to_dev(NULL, sizeof(float) * 3 * 512);
+    float y[3 * 512];
+    struct cuda_prof_row rows[8];
+    REQUIRE(cuda_backend_profile(g_gpu, 1) == 0);
+    for (int it = 0; it < 3; it++) {
+        g_gpu->ops->matmul(g_gpu, dy, &wg, dx, 3, NULL);
+        g_gpu->ops->add(g_gpu, dy, dy, 3 * 512);
+        CHECK(from_dev(y, dy, sizeof(y)) == 0);
+    }
+    int n = cuda_backend_profile_rows(g_gpu, rows, 8);
+    CHECK_EQ_INT(n, 2);
+    bool mm = false, add = false;
+    for (int i = 0; i < n; i++) {
+        CHECK_MSG(rows[i].count == 3 && rows[i].ms > 0, "profile row %s: %llu launches, %.4f ms", rows[i].name,
+                  (unsigned long long)rows[i].count, rows[i].ms);
+        mm |= strstr(rows[i].name, "matmul q8") && strstr(rows[i].name, "m=512 k=1024 n=3");
+        add |= !strcmp(rows[i].name, "add");
+    }
+    CHECK_MSG(mm && add, "profile rows: %s / %s", n > 0 ? rows[0].name : "-", n > 1 ? rows[1].name : "-");
+    if (n == 2) CHECK(rows[0].ms >= rows[1].ms);
+    REQUIRE(cuda_backend_profile(g_gpu, 2) == 0);
+    g_gpu->ops->matmul(g_gpu, dy, &wg, dx, 3, NULL);
+    CHECK(from_dev(y, dy, sizeof(y)) == 0);
+    n = cuda_backend_profile_rows(g_gpu, rows, 8);
+    CHECK_MSG(n == 1 && !strcmp(rows[0].name, "queue (device span)") && rows[0].count == 1 && rows[0].ms > 0,
+              "span profile: %d rows", n);
+    cuda_backend_profile(g_gpu, 0);
+    g_gpu->ops->matmul(g_gpu, dy, &wg, dx, 3, NULL);
+    CHECK(from_dev(y, dy, sizeof(y)) == 0);
+    g_gpu->ops->dealloc(g_gpu, dx);
+    g_gpu->ops->dealloc(g_gpu, dy);
+    g_gpu->ops->weight_release(g_gpu, &wg);
+    hw_free(&h);
+    free(x);
+}
+
+/* cuda_bench_run on a small model: every figure filled in, the formatted report complete. */
+static void test_bench_api(void)
+{
+    if (g_quick) return;
+    char err[ST_ERR_LEN];
+    struct model m;
+    REQUIRE_MSG(model_load(&m, fixture_path("models/kjv-qwen3-21m-8bit"), 0, -1, true, true, err) == 0, "%s", err);
+    struct cuda_bench_opts o;
+    cuda_bench_opts_default(&o);
+    o.ctx = 256;
+    o.prompt = 8;
+    o.gen = 4;
+    o.prefill = 64;
+    o.batches[0] = 1;
+    o.batches[1] = 3;
+    o.n_batches = 2;
+    o.variants = 1;
+    o.profile = 1;
+    struct cuda_bench_result *r = calloc(1, sizeof(*r));
+    const int rc = cuda_bench_run(&m, &o, r, err);
+    CHECK_MSG(rc == 0, "cuda_bench_run: %s", err);
+    if (rc == 0) {
+        CHECK(r->copy_bw > 1e9 && r->weight_bytes > 0);
+        for (int i = 0; i < 2; i++)
+            CHECK_MSG(r->tok_s[i] > 0 && r->span_s[i] > 0 && r->span_s[i] < r->step_s[i] * 1.5 && r->frac[i] > 0,
+                      "batch %d: %.1f tok/s, span %.3g s of %.3g s", r->batches[i], r->tok_s[i], r->span_s[i], r->step_s[i]);
+        CHECK(r->prefill_tok_s[0] > 0 && r->prefill_tok_s[1] > 0);
+        CHECK(r->n_variants >= 10 && r->var[0].step_s[0] > 0 && r->var[r->n_variants - 1].step_s[1] > 0);
+        CHECK_EQ_INT(r->n_profiles, 4);
+        for (int p = 0; p < r->n_profiles; p++) CHECK(r->prof[p].n_rows > 3 && r->prof[p].total_ms > 0);
+        char *txt = malloc(1 << 16);
+        cuda_bench_format(r, txt, 1 << 16);
+        CHECK_MSG(strstr(txt, "SUMMARY decode_b1_tok_s=") && strstr(txt, "SUMMARY decode_b3_over_b1=") &&
+                      strstr(txt, "| variant |") && strstr(txt, "profile: all flags"),
+                  "report incomplete");
+        free(txt);
+    }
+    free(r);
+    model_free(&m);
 }
 
 /* ---- engine-level tests ---- */
@@ -832,7 +1001,9 @@ static void test_engine_invariance(void)
         const int vocab = m.cfg.vocab_size;
         float *ref = malloc(sizeof(float) * (size_t)vocab * 40), *got = malloc(sizeof(float) * (size_t)vocab * 40);
         int n_ref = 0, n_got = 0;
-        static const unsigned fl[] = {7, 0, CUDA_FLAG_FUSE, CUDA_FLAG_GRAPHS, CUDA_FLAG_PDL, 7};
+        static const unsigned fl[] = {CUDA_FLAG_DEFAULT, 0, CUDA_FLAG_FUSE, CUDA_FLAG_GRAPHS, CUDA_FLAG_PDL, V1_FLAGS,
+                                      CUDA_FLAG_MMV2 | CUDA_FLAG_ATTNV2, CUDA_FLAG_ALL & ~(unsigned)CUDA_FLAG_MMTMA,
+                                      CUDA_FLAG_ALL, CUDA_FLAG_DEFAULT};
         for (size_t f = 0; f < (g_quick ? 2 : ST_ARRAY_LEN(fl)); f++) {
             struct engine *e = NULL;
             int rc = open_gpu_engine(&e, &m, 0, 4, 32, err);
@@ -1101,6 +1272,8 @@ int main(void)
     RUN(test_attention);
     RUN(test_elementwise);
     RUN(test_fusion_ops);
+    RUN(test_download);
+    RUN(test_profile);
     backend_free(g_gpu);
     backend_free(g_cpu);
     RUN(test_golden_stories);
@@ -1109,6 +1282,7 @@ int main(void)
     RUN(test_golden_qwen3_q4);
     RUN(test_golden_shapes);
     RUN(test_engine_invariance);
+    RUN(test_bench_api);
     RUN(test_split_q8);
     RUN(test_split_bf16);
     RUN(test_split_stories);

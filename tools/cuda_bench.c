@@ -1,14 +1,15 @@
-/* cuda_bench: decode and prefill tokens/s of the CUDA backend on generated weights, against the measured
- * device-to-device copy bandwidth (the batch-1 decode roofline: bytes that must be read per token / bandwidth);
- * and a 70B-parameter Llama shape in bf16 split over two GPUs.
+/* cuda_bench: the CUDA backend's decode and prefill speed on generated weights (cuda_bench_run in
+ * src/backend/cuda/cuda_bench.c: tokens/s against the measured device copy bandwidth, device span, variants,
+ * per-kernel profiles), a one-step run for an external profiler, and a 70B-parameter Llama shape in bf16 split over
+ * two GPUs.
  *
- * Built by scripts/gpu-check.sh (cc tools/cuda_bench.c BUILD/libstrata.a); not part of `make`.
+ * Built by scripts/gpu-check.sh (make build/cuda_bench); not part of `make`.
  *   cuda_bench [--config FILE] [--bits 8] [--device N] [--ctx 1024] [--prompt 128] [--gen 64] [--prefill 512]
- *              [--batches 1,8,32] [--variants]
+ *              [--batches 1,8,32] [--variants] [--profile]
+ *   cuda_bench --ncu [--batches 1,32]   one decode step per batch size between cudaProfilerStart/Stop
+ *                                         (ncu --profile-from-start off)
  *   cuda_bench --split70b [--stage-layers 40] [--gen 16]
- * Times are host wall-clock around engine_forward (which returns when the logits are in host memory), median
- * over the steps after a warm-up (the warm-up captures the CUDA graphs). Output: a table; the last lines are a
- * one-line summary per figure. */
+ * Output: markdown tables; the last lines are "SUMMARY key=value" lines. */
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -40,8 +41,8 @@ static double median(double *v, int n)
 
 struct opts {
     const char *config;
-    int bits, device, ctx, prompt, gen, prefill, variants, split70b, stage_layers;
-    int batches[8], n_batches;
+    int bits, split70b, stage_layers, ncu;
+    struct cuda_bench_opts b;
 };
 
 static int read_config(struct model_config *c, const char *path, char *err)
@@ -55,51 +56,44 @@ static int read_config(struct model_config *c, const char *path, char *err)
     return rc;
 }
 
-/* prefills slots [0, n_seq) with `len` tokens each (one forward per slot) */
-static int prefill_slots(struct engine *e, int n_seq, int len, float *logits, char *err)
+/* --ncu: prefill every slot, then per batch size two unprofiled decode steps and one between the profiler
+ * brackets (run with STRATA_CUDA_GRAPHS=0 so that every kernel is its own launch) */
+static int ncu_steps(struct model *m, const struct opts *o, char *err)
 {
-    int32_t *tok = malloc(sizeof(int32_t) * (size_t)len), *pos = malloc(sizeof(int32_t) * (size_t)len);
-    int32_t *slot = malloc(sizeof(int32_t) * (size_t)len);
-    uint8_t *want = calloc((size_t)len, 1);
-    int rc = 0;
-    for (int s = 0; s < n_seq && rc >= 0; s++) {
-        for (int i = 0; i < len; i++) {
-            tok[i] = (int32_t)((i * 7919 + s * 104729 + 11) % 30000);
-            pos[i] = i;
-            slot[i] = s;
-        }
-        want[len - 1] = 1;
-        struct batch b = {.n = len, .token = tok, .pos = pos, .slot = slot, .want_logits = want};
+    int max_b = 1;
+    for (int i = 0; i < o->b.n_batches; i++) max_b = ST_MAX(max_b, o->b.batches[i]);
+    struct engine *e = NULL;
+    struct engine_opts eo = {.n_slots = max_b, .n_ctx = o->b.ctx, .max_batch = ST_MAX(max_b, o->b.prompt), .max_logits = max_b};
+    eo.backend.kind = BACKEND_CUDA;
+    eo.backend.device = o->b.device;
+    int rc = engine_init(&e, m, &eo, err);
+    if (rc < 0) return rc;
+    const int vocab = m->cfg.vocab_size, P = o->b.prompt;
+    float *logits = malloc(sizeof(float) * (size_t)max_b * vocab);
+    int32_t *tok = malloc(sizeof(int32_t) * (size_t)(P + max_b)), *pos = malloc(sizeof(int32_t) * (size_t)(P + max_b));
+    int32_t *slot = malloc(sizeof(int32_t) * (size_t)(P + max_b));
+    uint8_t *want = calloc((size_t)(P + max_b), 1);
+    for (int s = 0; s < max_b && rc >= 0; s++) {
+        for (int i = 0; i < P; i++) tok[i] = (i * 7919 + s * 104729 + 11) % vocab, pos[i] = i, slot[i] = s, want[i] = i == P - 1;
+        struct batch b = {.n = P, .token = tok, .pos = pos, .slot = slot, .want_logits = want};
         rc = engine_forward(e, &b, NULL, logits, err);
     }
+    for (int bi = 0; bi < o->b.n_batches && rc >= 0; bi++) {
+        const int B = o->b.batches[bi];
+        for (int it = 0; it < 3 && rc >= 0; it++) {
+            for (int i = 0; i < B; i++) tok[i] = (it * 31 + i * 977 + 5) % vocab, pos[i] = P + it, slot[i] = i, want[i] = 1;
+            struct batch b = {.n = B, .token = tok, .pos = pos, .slot = slot, .want_logits = want};
+            if (it == 2) cuda_profiler_range(1);
+            rc = engine_forward(e, &b, NULL, logits, err);
+            if (it == 2) cuda_profiler_range(0);
+        }
+    }
+    free(logits);
     free(tok);
     free(pos);
     free(slot);
     free(want);
-    return rc < 0 ? rc : 0;
-}
-
-/* median seconds per decode step of B sequences at positions start, start+1, ... */
-static int decode_steps(struct engine *e, int B, int start, int warm, int steps, float *logits, double *step_s, char *err)
-{
-    int32_t tok[256], pos[256], slot[256];
-    uint8_t want[256];
-    double *t = malloc(sizeof(double) * (size_t)(steps > 0 ? steps : 1));
-    int rc = 0;
-    for (int it = 0; it < warm + steps && rc >= 0; it++) {
-        for (int i = 0; i < B; i++) {
-            tok[i] = (int32_t)((it * 31 + i * 977 + 5) % 30000);
-            pos[i] = start + it;
-            slot[i] = i;
-            want[i] = 1;
-        }
-        struct batch b = {.n = B, .token = tok, .pos = pos, .slot = slot, .want_logits = want};
-        const double t0 = time_s();
-        rc = engine_forward(e, &b, NULL, logits, err);
-        if (it >= warm) t[it - warm] = time_s() - t0;
-    }
-    *step_s = rc < 0 ? 0 : median(t, steps);
-    free(t);
+    engine_free(e);
     return rc < 0 ? rc : 0;
 }
 
@@ -112,131 +106,36 @@ static int bench_model(const struct opts *o)
         fprintf(stderr, "cuda_bench: %s\n", err);
         return 1;
     }
-    double bw = 0;
-    if ((rc = cuda_copy_bandwidth(o->device, (size_t)1 << 30, 21, &bw, err)) < 0) {
-        fprintf(stderr, "cuda_bench: %s\n", err);
-        return 1;
-    }
     struct model m;
     double t0 = time_s();
     if ((rc = model_init_random(&m, &cfg, o->bits, 1, 0, -1, true, true, err)) < 0) {
         fprintf(stderr, "cuda_bench: %s\n", err);
         return 1;
     }
-    const double gen_s = time_s() - t0;
-    int max_b = 1;
-    for (int i = 0; i < o->n_batches; i++) max_b = ST_MAX(max_b, o->batches[i]);
-    struct engine *e = NULL;
-    struct engine_opts eo = {.n_slots = max_b, .n_ctx = o->ctx, .max_batch = ST_MAX(o->prefill, max_b),
-                             .max_logits = max_b};
-    eo.backend.kind = BACKEND_CUDA;
-    eo.backend.device = o->device;
-    t0 = time_s();
-    if ((rc = engine_init(&e, &m, &eo, err)) < 0) {
-        fprintf(stderr, "cuda_bench: %s\n", err);
+    printf("model: %s shape (%s), %s, generated weights (%.1f s)\n", model_arch_name(cfg.arch), o->config,
+           o->bits ? (o->bits == 8 ? "MLX 8-bit g64" : "MLX 4-bit g64") : "bf16", time_s() - t0);
+    if (o->ncu) {
+        rc = ncu_steps(&m, o, err);
+        if (rc < 0) fprintf(stderr, "cuda_bench: %s\n", err);
+        model_free(&m);
+        return rc < 0 ? 1 : 0;
+    }
+    struct cuda_bench_result *r = calloc(1, sizeof(*r));
+    size_t cap = 1 << 16;
+    char *txt = malloc(cap);
+    if (!r || !txt || (rc = cuda_bench_run(&m, &o->b, r, err)) < 0) {
+        fprintf(stderr, "cuda_bench: %s\n", r && txt ? err : "out of memory");
+        free(r);
+        free(txt);
         model_free(&m);
         return 1;
     }
-    const double load_s = time_s() - t0;
-    struct backend *be = engine_backend(e);
-    const size_t wbytes = model_bytes_per_token(&m);
-    const int kv_dim = cfg.n_kv_heads * cfg.head_dim;
-    float *logits = malloc(sizeof(float) * (size_t)max_b * (size_t)cfg.vocab_size);
-    printf("cuda_bench: %s\n", be->device_name);
-    printf("model: %s shape (%s), %s, generated weights (%.1f s), loaded in %.1f s\n", model_arch_name(cfg.arch),
-           o->config, o->bits ? (o->bits == 8 ? "MLX 8-bit g64" : "MLX 4-bit g64") : "bf16", gen_s, load_s);
-    printf("copy bandwidth (device to device, read + write): %.0f GB/s\n", bw / 1e9);
-    printf("weights read per token: %.3f GB\n", wbytes / 1e9);
-
-    const int warm = 4;
-    double step[8] = {0}, kvb[8] = {0};
-    for (int bi = 0; bi < o->n_batches; bi++) {
-        const int B = o->batches[bi];
-        if ((rc = prefill_slots(e, B, o->prompt, logits, err)) < 0 ||
-            (rc = decode_steps(e, B, o->prompt, warm, o->gen, logits, &step[bi], err)) < 0) {
-            fprintf(stderr, "cuda_bench: batch %d: %s\n", B, err);
-            goto fail;
-        }
-        /* K and V of every position up to the middle of the timed steps, every layer, per sequence */
-        kvb[bi] = 2.0 * sizeof(float) * kv_dim * cfg.n_layers * (o->prompt + warm + o->gen / 2.0);
-    }
-    /* prefill: one sequence, chunks of `prefill` tokens (and 128) */
-    double pre[2] = {0};
-    const int chunks[2] = {o->prefill, 128};
-    for (int ci = 0; ci < 2; ci++) {
-        const int len = chunks[ci];
-        if (len > o->ctx || len > eo.max_batch) continue;
-        double t[5];
-        for (int r = 0; r < 6 && rc >= 0; r++) {
-            const double ts = time_s();
-            rc = prefill_slots(e, 1, len, logits, err);
-            if (r > 0) t[r - 1] = time_s() - ts;
-        }
-        if (rc < 0) {
-            fprintf(stderr, "cuda_bench: prefill: %s\n", err);
-            goto fail;
-        }
-        pre[ci] = len / median(t, 5);
-    }
-    /* batch-1 variants: which feature buys what */
-    double var[4] = {0};
-    static const unsigned vf[4] = {0, CUDA_FLAG_FUSE, CUDA_FLAG_FUSE | CUDA_FLAG_GRAPHS,
-                                   CUDA_FLAG_FUSE | CUDA_FLAG_GRAPHS | CUDA_FLAG_PDL};
-    if (o->variants) {
-        for (int v = 0; v < 4; v++) {
-            cuda_backend_set_flags(be, vf[v]);
-            if ((rc = prefill_slots(e, 1, o->prompt, logits, err)) < 0 ||
-                (rc = decode_steps(e, 1, o->prompt, warm, o->gen, logits, &var[v], err)) < 0) {
-                fprintf(stderr, "cuda_bench: variant %u: %s\n", vf[v], err);
-                goto fail;
-            }
-        }
-        cuda_backend_set_flags(be, vf[3]);
-    }
-    struct cuda_stats cs;
-    cuda_backend_get_stats(be, &cs);
-
-    printf("\n| figure | tok/s | ms/step | bytes/token (weights + KV) | GB/s | of copy bandwidth |\n");
-    printf("|---|---|---|---|---|---|\n");
-    double b1 = 0;
-    for (int bi = 0; bi < o->n_batches; bi++) {
-        const int B = o->batches[bi];
-        const double tps = B / step[bi];
-        if (B == 1) b1 = tps;
-        /* bytes one step must read: the weights once plus every sequence's KV */
-        const double bytes = (double)wbytes + B * kvb[bi];
-        printf("| decode batch %d | %.0f | %.3f | %.3f GB + %.1f MB KV/seq | %.0f | %.1f%% |\n", B, tps, step[bi] * 1e3,
-               wbytes / 1e9, kvb[bi] / 1e6, bytes / step[bi] / 1e9, 100.0 * bytes / step[bi] / bw);
-    }
-    for (int ci = 0; ci < 2; ci++)
-        if (pre[ci] > 0) printf("| prefill %d tokens | %.0f | %.2f | | | |\n", chunks[ci], pre[ci], 1e3 * chunks[ci] / pre[ci]);
-    if (o->variants) {
-        static const char *vn[4] = {"plain (no fusion, graphs, PDL)", "fusion", "fusion + graphs", "fusion + graphs + PDL"};
-        for (int v = 0; v < 4; v++)
-            printf("| decode batch 1, %s | %.0f | %.3f | | %.0f | %.1f%% |\n", vn[v], 1.0 / var[v], var[v] * 1e3,
-                   (wbytes + kvb[0]) / var[v] / 1e9, 100.0 * (wbytes + kvb[0]) / var[v] / bw);
-    }
-    printf("\ngraphs: %llu replays, %llu captures, %llu flushes\n", (unsigned long long)cs.graph_launches,
-           (unsigned long long)cs.graph_captures, (unsigned long long)cs.flushes);
-    for (int bi = 0; bi < o->n_batches; bi++)
-        printf("SUMMARY decode_b%d_tok_s=%.0f\n", o->batches[bi], o->batches[bi] / step[bi]);
-    for (int bi = 0; bi < o->n_batches; bi++)
-        if (o->batches[bi] == 1)
-            printf("SUMMARY decode_b1_fraction_of_copy_bw=%.3f (weights+KV %.3f GB/token, copy %.0f GB/s)\n",
-                   (wbytes + kvb[bi]) / step[bi] / bw, (wbytes + kvb[bi]) / 1e9, bw / 1e9);
-    for (int bi = 0; bi < o->n_batches; bi++)
-        if (o->batches[bi] > 1 && b1 > 0)
-            printf("SUMMARY decode_b%d_over_b1=%.1fx\n", o->batches[bi], o->batches[bi] / step[bi] / b1);
-    if (pre[0] > 0) printf("SUMMARY prefill_%d_tok_s=%.0f\n", chunks[0], pre[0]);
-    free(logits);
-    engine_free(e);
+    cuda_bench_format(r, txt, cap);
+    fputs(txt, stdout);
+    free(r);
+    free(txt);
     model_free(&m);
     return 0;
-fail:
-    free(logits);
-    engine_free(e);
-    model_free(&m);
-    return 1;
 }
 
 /* ---- 70B bf16 over two GPUs ---- */
@@ -341,7 +240,7 @@ static int bench_split70b(const struct opts *o)
         printf("cuda:%d: loaded in %.1f s, %.1f of %.1f GB in use\n", i, lj[i].s, (tot - fr) / 1e9, tot / 1e9);
     }
     {
-        const int n_prompt = 32, steps = o->gen > 0 ? o->gen : 16;
+        const int n_prompt = 32, steps = o->b.gen > 0 ? o->b.gen : 16;
         hidden = malloc(sizeof(float) * (size_t)n_prompt * cfg.dim);
         logits = malloc(sizeof(float) * (size_t)cfg.vocab_size);
         int32_t tok[32], pos[32], slot[32] = {0};
@@ -397,33 +296,36 @@ done:
 
 int main(int argc, char **argv)
 {
-    struct opts o = {.config = "configs/qwen3-1.7b.config.json", .bits = 8, .ctx = 1024, .prompt = 128, .gen = 64,
-                     .prefill = 512, .batches = {1, 8, 32}, .n_batches = 3};
+    struct opts o = {.config = "configs/qwen3-1.7b.config.json", .bits = 8};
+    cuda_bench_opts_default(&o.b);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
 #define NEXT() (v ? (i++, v) : (fprintf(stderr, "%s needs a value\n", a), exit(2), v))
         if (!strcmp(a, "--config")) o.config = NEXT();
         else if (!strcmp(a, "--bits")) o.bits = atoi(NEXT());
-        else if (!strcmp(a, "--device")) o.device = atoi(NEXT());
-        else if (!strcmp(a, "--ctx")) o.ctx = atoi(NEXT());
-        else if (!strcmp(a, "--prompt")) o.prompt = atoi(NEXT());
-        else if (!strcmp(a, "--gen")) o.gen = atoi(NEXT());
-        else if (!strcmp(a, "--prefill")) o.prefill = atoi(NEXT());
-        else if (!strcmp(a, "--variants")) o.variants = 1;
+        else if (!strcmp(a, "--device")) o.b.device = atoi(NEXT());
+        else if (!strcmp(a, "--ctx")) o.b.ctx = atoi(NEXT());
+        else if (!strcmp(a, "--prompt")) o.b.prompt = atoi(NEXT());
+        else if (!strcmp(a, "--gen")) o.b.gen = atoi(NEXT());
+        else if (!strcmp(a, "--prefill")) o.b.prefill = atoi(NEXT());
+        else if (!strcmp(a, "--variants")) o.b.variants = 1;
+        else if (!strcmp(a, "--profile")) o.b.profile = 1;
+        else if (!strcmp(a, "--ncu")) o.ncu = 1;
         else if (!strcmp(a, "--split70b")) o.split70b = 1;
         else if (!strcmp(a, "--stage-layers")) o.stage_layers = atoi(NEXT());
         else if (!strcmp(a, "--batches")) {
             const char *s = NEXT();
-            o.n_batches = 0;
-            while (*s && o.n_batches < 8) {
-                o.batches[o.n_batches++] = atoi(s);
+            o.b.n_batches = 0;
+            while (*s && o.b.n_batches < CUDA_BENCH_MAX_B) {
+                o.b.batches[o.b.n_batches++] = atoi(s);
                 s = strchr(s, ',');
                 if (!s) break;
                 s++;
             }
         } else {
             fprintf(stderr, "usage: cuda_bench [--config F] [--bits 0|4|8] [--device N] [--ctx N] [--prompt N] [--gen N] "
-                            "[--prefill N] [--batches 1,8,32] [--variants] | --split70b [--stage-layers N] [--gen N]\n");
+                            "[--prefill N] [--batches 1,8,32] [--variants] [--profile] | --ncu [--batches 1,32] | "
+                            "--split70b [--stage-layers N] [--gen N]\n");
             return 2;
         }
     }

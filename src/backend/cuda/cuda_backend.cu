@@ -11,12 +11,19 @@
  *      step of a given batch size is the same sequence every time: positions and tokens travel as uploaded data).
  *   3. programmatic dependent launch (CUDA_FLAG_PDL) on every kernel: a matmul streams its first weight chunks
  *      while the previous kernel finishes.
+ *   4. kernel versions (CUDA_FLAG_MMV2, CUDA_FLAG_ATTNV2): the streaming matmul and the register/cp.async q/k and
+ *      attention kernels; they compute the same bits as the first versions, which stay selectable.
+ * Downloads of more than DL_PIPE_MIN bytes into pageable memory (the logits) go through two pinned buffers, the
+ * copy out of them split over DL_THREADS threads while the next piece is in flight (CUDA_FLAG_DLPIPE).
+ * Profiling (cuda_backend_profile): per-kernel event timing, or the device span of each queue.
  * Weights are uploaded once and repacked for the kernels (cuda_matmul.cu); w->data then holds the device pointer
  * of the packed tiles and the backend keeps the rest (and the host pointers, restored when the backend goes).
  * Errors of asynchronous work surface at the next download/sync (ST_EIO, logged with the CUDA message).
  */
 #include "backend/cuda/cuda_common.cuh"
 
+#include <cuda_profiler_api.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,6 +49,23 @@ struct xop {
 
 #define GRAPH_SLOTS 48
 #define SEEN_SLOTS 64
+#define PROF_ROWS 256
+#define DL_PIPE_MIN ((size_t)256 << 10) /* smaller downloads go straight from the device */
+#define DL_CHUNK ((size_t)2 << 20)
+#define DL_THREADS 4                     /* threads that copy a downloaded piece out of pinned memory (incl. caller) */
+
+/* helper threads for the copy out of the pinned download buffers */
+struct dl_pool {
+    pthread_t th[DL_THREADS - 1];
+    int n; /* helpers started */
+    pthread_mutex_t mu;
+    pthread_cond_t go, done;
+    uint64_t gen;
+    int pending, parts, quit;
+    unsigned char *dst;
+    const unsigned char *src;
+    size_t len;
+};
 
 struct graph_entry {
     uint64_t hash, last_use;
@@ -52,7 +76,7 @@ struct graph_entry {
 
 struct cuda_backend {
     struct backend base;
-    int device, sm_count, max_smem;
+    int device, sm_count, max_smem, max_smem_sm;
     cudaStream_t stream;
     unsigned flags;
     struct xop *q, *fq; /* recorded ops; after fusion */
@@ -74,9 +98,22 @@ struct cuda_backend {
     int err_code;
     char err_msg[256];
     struct cuda_stats stats;
+    int mm_bps, mm_grid_max, mm_tb; /* streaming matmul schedule (cuda_backend_set_mm_schedule) */
+    /* profiling */
+    int prof_mode;
+    cudaEvent_t *prof_ev;  /* mode 1: boundary events of the pending kernels; mode 2: [0], [1] around a queue */
+    int prof_ev_cap, prof_ev_used;
+    int *prof_pend;        /* row of each pending kernel */
+    int prof_n_pend;
+    struct cuda_prof_row *prof_rows;
+    int prof_n_rows;
+    /* pipelined downloads */
+    cudaEvent_t dl_ev[2];
+    struct dl_pool *dl;
 };
 
 static struct cuda_backend *cub(struct backend *b) { return (struct cuda_backend *)b; }
+static void dl_pool_free(struct dl_pool *p);
 
 static void set_error(struct cuda_backend *cb, int code, const char *what, cudaError_t e)
 {
@@ -176,7 +213,7 @@ static void graphs_clear(struct cuda_backend *cb)
 /* ---- running ops ---- */
 static cudaError_t xop_issue(struct cuda_backend *cb, const struct xop *o)
 {
-    const int pdl = (cb->flags & CUDA_FLAG_PDL) != 0;
+    const int pdl = (cb->flags & CUDA_FLAG_PDL) != 0 && cb->prof_mode != 1;
     cudaStream_t s = cb->stream;
     cb->stats.kernels++;
     switch (o->kind) {
@@ -187,8 +224,8 @@ static cudaError_t xop_issue(struct cuda_backend *cb, const struct xop *o)
     case X_F32MM: return cuda_f32mm_launch(&o->u.f32, s, pdl);
     case X_ROPE: return cuda_rope_launch(&o->u.rope, s, pdl);
     case X_KV: return cuda_kv_launch(&o->u.kv, s, pdl);
-    case X_QK: return cuda_qk_launch(&o->u.qk, s, pdl);
-    case X_ATTN: return cuda_attn_launch(&o->u.attn, s, pdl);
+    case X_QK: return cuda_qk_launch(&o->u.qk, s, pdl, (cb->flags & CUDA_FLAG_ATTNV2) != 0);
+    case X_ATTN: return cuda_attn_launch(&o->u.attn, s, pdl, (cb->flags & CUDA_FLAG_ATTNV2) != 0);
     case X_SILU: return cuda_silu_launch(&o->u.ew, s, pdl);
     case X_ADD: return cuda_add_launch(&o->u.ew, s, pdl);
     case X_GATHER: return cuda_gather_launch(&o->u.gather, s, pdl);
@@ -196,8 +233,104 @@ static cudaError_t xop_issue(struct cuda_backend *cb, const struct xop *o)
     }
 }
 
+/* ---- profiling ---- */
+static const char *cw_name(int kind) { return kind == CW_Q8 ? "q8" : kind == CW_Q4 ? "q4" : kind == CW_BF16 ? "bf16" : "f32"; }
+
+/* A row name for the configuration of a kernel: the op, its weight shape or sizes, and the batch. */
+static void op_label(const struct xop *o, char *b, size_t n)
+{
+    switch (o->kind) {
+    case X_MM: {
+        const struct mm_args *a = &o->u.mm;
+        char ms[48] = "";
+        size_t l = 0;
+        for (int j = 0; j < a->n_parts; j++)
+            l += (size_t)snprintf(ms + l, sizeof(ms) - l, "%s%d", j ? "+" : "", a->part[j].m);
+        snprintf(b, n, "matmul %s%s%s m=%s%s k=%d n=%d%s", cw_name(a->kind), a->pro == MM_PRO_NORM ? " norm" : "",
+                 a->epi == MM_EPI_ADD ? " +add" : a->epi == MM_EPI_GLU ? " glu" : "", ms, a->epi == MM_EPI_GLU ? "x2" : "",
+                 a->k, a->n, a->v2 ? " (v2)" : "");
+        break;
+    }
+    case X_F32MM: snprintf(b, n, "matmul f32 m=%d k=%d n=%d", o->u.f32.rows, o->u.f32.cols, o->u.f32.n); break;
+    case X_ATTN: snprintf(b, n, "attention n=%d heads %d/%d hd %d", o->u.attn.n, o->u.attn.nh, o->u.attn.nkv, o->u.attn.hd); break;
+    case X_QK: snprintf(b, n, "q/k norm+rope+kv store n=%d", o->u.qk.n); break;
+    case X_UPLOAD: snprintf(b, n, "upload (%d pieces)", o->u.up.n); break;
+    case X_EMBED: snprintf(b, n, "embed n=%d", o->u.embed.n); break;
+    case X_RMSNORM: snprintf(b, n, "rmsnorm rows=%d dim=%d", o->u.rms.rows, o->u.rms.dim); break;
+    case X_ROPE: snprintf(b, n, "rope n=%d", o->u.rope.n); break;
+    case X_KV: snprintf(b, n, "kv store n=%d", o->u.kv.n); break;
+    case X_SILU: snprintf(b, n, "silu*mul"); break;
+    case X_ADD: snprintf(b, n, "add"); break;
+    case X_GATHER: snprintf(b, n, "gather n=%d", o->u.gather.n); break;
+    default: snprintf(b, n, "op %d", o->kind); break;
+    }
+}
+
+static int prof_row(struct cuda_backend *cb, const char *name)
+{
+    for (int i = 0; i < cb->prof_n_rows; i++)
+        if (!strcmp(cb->prof_rows[i].name, name)) return i;
+    if (cb->prof_n_rows == PROF_ROWS) return PROF_ROWS - 1; /* the last row collects the rest */
+    struct cuda_prof_row *r = &cb->prof_rows[cb->prof_n_rows];
+    snprintf(r->name, sizeof(r->name), "%s", name);
+    r->ms = 0;
+    r->count = 0;
+    return cb->prof_n_rows++;
+}
+
+/* Room for n more events (mode 1 needs one per kernel plus one). */
+static bool prof_reserve(struct cuda_backend *cb, int n)
+{
+    if (cb->prof_ev_used + n <= cb->prof_ev_cap) return true;
+    int cap = cb->prof_ev_cap ? cb->prof_ev_cap : 1024;
+    while (cap < cb->prof_ev_used + n) cap *= 2;
+    cudaEvent_t *ev = (cudaEvent_t *)realloc(cb->prof_ev, sizeof(cudaEvent_t) * (size_t)cap);
+    if (!ev) return false;
+    cb->prof_ev = ev;
+    int *pend = (int *)realloc(cb->prof_pend, sizeof(int) * (size_t)cap);
+    if (!pend) return false;
+    cb->prof_pend = pend;
+    for (int i = cb->prof_ev_cap; i < cap; i++)
+        if (cudaEventCreate(&cb->prof_ev[i]) != cudaSuccess) {
+            cudaGetLastError();
+            cb->prof_ev_cap = i;
+            return false;
+        }
+    cb->prof_ev_cap = cap;
+    return true;
+}
+
+/* After the stream is idle: adds the pending event intervals to their rows. */
+static void prof_collect(struct cuda_backend *cb)
+{
+    for (int i = 0; i < cb->prof_n_pend; i++) {
+        float ms = 0;
+        if (cudaEventElapsedTime(&ms, cb->prof_ev[2 * i], cb->prof_ev[2 * i + 1]) != cudaSuccess) {
+            cudaGetLastError();
+            continue;
+        }
+        cb->prof_rows[cb->prof_pend[i]].ms += ms;
+        cb->prof_rows[cb->prof_pend[i]].count++;
+    }
+    cb->prof_n_pend = 0;
+    cb->prof_ev_used = 0;
+}
+
 static bool run_eager(struct cuda_backend *cb, const struct xop *ops, int n)
 {
+    if (cb->prof_mode == 1 && prof_reserve(cb, 2 * n)) {
+        char name[112];
+        for (int i = 0; i < n; i++) {
+            op_label(&ops[i], name, sizeof(name));
+            const int k = cb->prof_n_pend++;
+            cb->prof_pend[k] = prof_row(cb, name);
+            cudaEventRecord(cb->prof_ev[2 * k], cb->stream);
+            if (!check(cb, xop_issue(cb, &ops[i]), "kernel launch")) return false;
+            cudaEventRecord(cb->prof_ev[2 * k + 1], cb->stream);
+            cb->prof_ev_used = 2 * cb->prof_n_pend;
+        }
+        return true;
+    }
     for (int i = 0; i < n; i++)
         if (!check(cb, xop_issue(cb, &ops[i]), "kernel launch")) return false;
     return true;
@@ -423,7 +556,7 @@ static int fuse(const struct xop *in, int n, struct xop *out)
 }
 
 /* grid, kernel shape and shared memory of a (possibly merged) matmul */
-static void mm_finalize(struct mm_args *a)
+static void mm_finalize(const struct cuda_backend *cb, struct mm_args *a)
 {
     a->r = a->epi == MM_EPI_GLU ? 2 : 1;
     a->nt = a->n <= 8 ? 1 : (a->n <= 16 || a->r == 2) ? 2 : 4; /* batch columns per pass: 8 * nt */
@@ -433,8 +566,43 @@ static void mm_finalize(struct mm_args *a)
         blocks += a->part[j].mtiles;
     }
     a->grid = blocks;
+    a->v2 = a->tb = a->warps = a->tiles = a->ngroups = a->gmax = 0;
+    a->tma = a->nb = a->nchmax = a->bufb = 0;
+    if (cb->flags & CUDA_FLAG_MMV2) {
+        const int S = a->slices;
+        a->v2 = 1;
+        a->tiles = blocks;
+        /* one tile per group (every slice of a tile on its own warp, as many blocks as tiles allow); or groups of
+         * up to 4 tiles that share x through the L1, at most 32 items: by default for batches of more than 8 rows
+         * and matrices of at least 8 tiles per SM (the head: x is re-read per tile group) */
+        const int tb_auto = a->nt > 1 && blocks >= 8 * cb->sm_count ? 4 : 1;
+        a->tb = ST_MAX(1, ST_MIN(cb->mm_tb > 0 ? cb->mm_tb : tb_auto, 32 / S));
+        a->warps = ST_MIN(8, a->tb * S);
+        a->ngroups = (blocks + a->tb - 1) / a->tb;
+        const int bps = cb->mm_bps >= 0 ? cb->mm_bps : a->ngroups >= 8 * cb->sm_count ? 2 : 1;
+        int cap = bps > 0 ? bps * cb->sm_count : a->ngroups;
+        if (cb->mm_grid_max > 0) cap = ST_MIN(cap, cb->mm_grid_max);
+        a->grid = ST_MAX(1, ST_MIN(a->ngroups, cap));
+        if (a->kind != CW_BF16) {
+            const int kc = a->kind == CW_Q8 ? 2 : 4;
+            a->gmax = (a->units + S - 1) / S * a->unit_chunks * kc / a->gsteps;
+        }
+        if (cb->flags & CUDA_FLAG_MMTMA) {
+            /* nb buffers per warp: 3 when two blocks still fit an SM, else 2 (one block per SM when needed) */
+            a->tma = 1;
+            a->nchmax = (a->units + S - 1) / S * a->unit_chunks;
+            const int sbb = a->kind == CW_BF16 ? 0 : a->r * a->gmax * 16 * (a->sb_f32 ? 8 : 4);
+            a->bufb = (a->r * a->nchmax * 512 + sbb + 127) & ~127;
+            const size_t two = (size_t)cb->max_smem_sm / 2 - 2048;
+            a->nb = 3;
+            if (cuda_mm_smem_bytes(a) > two) a->nb = 2;
+            if (cuda_mm_smem_bytes(a) > two && cuda_mm_smem_bytes(a) > (size_t)cb->max_smem) a->tma = a->nb = a->nchmax = a->bufb = 0;
+        }
+    }
     a->smem = (int)cuda_mm_smem_bytes(a);
 }
+
+static void flush_ops(struct cuda_backend *cb, const struct xop *ops, int n);
 
 /* Runs the recorded queue (asynchronously). */
 static void flush(struct cuda_backend *cb)
@@ -449,9 +617,29 @@ static void flush(struct cuda_backend *cb)
         ops = cb->fq;
     }
     for (int i = 0; i < n; i++)
-        if (ops[i].kind == X_MM) mm_finalize(&ops[i].u.mm);
+        if (ops[i].kind == X_MM) mm_finalize(cb, &ops[i].u.mm);
     cb->n_q = 0;
     if (cb->err_code) return;
+    if (cb->prof_mode == 1) { /* every kernel between two events, eagerly */
+        run_eager(cb, ops, n);
+        return;
+    }
+    const bool span = cb->prof_mode == 2 && prof_reserve(cb, 2);
+    if (span) {
+        const int k = cb->prof_n_pend++;
+        cb->prof_pend[k] = prof_row(cb, "queue (device span)");
+        cudaEventRecord(cb->prof_ev[2 * k], cb->stream);
+        cb->prof_ev_used = 2 * cb->prof_n_pend;
+        flush_ops(cb, ops, n);
+        cudaEventRecord(cb->prof_ev[2 * k + 1], cb->stream);
+        return;
+    }
+    flush_ops(cb, ops, n);
+}
+
+/* Runs ops as configured: a cached graph, a new capture, or eagerly. */
+static void flush_ops(struct cuda_backend *cb, const struct xop *ops, int n)
+{
     if (cb->flags & CUDA_FLAG_GRAPHS) {
         const uint64_t h = ops_hash(ops, n, cb->flags);
         for (int i = 0; i < GRAPH_SLOTS; i++) {
@@ -482,6 +670,7 @@ static int sync_all(struct cuda_backend *cb)
     cudaSetDevice(cb->device);
     check(cb, cudaStreamSynchronize(cb->stream), "stream synchronize");
     cb->staging_used = 0;
+    if (cb->prof_n_pend) prof_collect(cb);
     return cb->err_code;
 }
 
@@ -525,6 +714,13 @@ static void cu_free(struct backend *b)
         free(cw);
     }
     free(cb->wt);
+    dl_pool_free(cb->dl);
+    for (int i = 0; i < 2; i++)
+        if (cb->dl_ev[i]) cudaEventDestroy(cb->dl_ev[i]);
+    for (int i = 0; i < cb->prof_ev_cap; i++) cudaEventDestroy(cb->prof_ev[i]);
+    free(cb->prof_ev);
+    free(cb->prof_pend);
+    free(cb->prof_rows);
     if (cb->ws) cudaFree(cb->ws);
     if (cb->att_cnt) cudaFree(cb->att_cnt);
     if (cb->d_idx) cudaFree(cb->d_idx);
@@ -582,14 +778,147 @@ static int cu_upload(struct backend *b, void *dst, const void *src, size_t bytes
     return ST_OK;
 }
 
+/* ---- pipelined downloads ---- */
+struct dl_arg {
+    struct dl_pool *p;
+    int part;
+};
+
+static void dl_copy_part(struct dl_pool *p, int part)
+{
+    const size_t per = (p->len / (size_t)p->parts + 63) & ~(size_t)63;
+    const size_t off = per * (size_t)part;
+    if (off < p->len) memcpy(p->dst + off, p->src + off, ST_MIN(per, p->len - off));
+}
+
+static void *dl_worker(void *arg)
+{
+    struct dl_pool *p = ((struct dl_arg *)arg)->p;
+    const int part = ((struct dl_arg *)arg)->part;
+    free(arg);
+    uint64_t seen = 0;
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        while (p->gen == seen && !p->quit) pthread_cond_wait(&p->go, &p->mu);
+        if (p->quit) break;
+        seen = p->gen;
+        pthread_mutex_unlock(&p->mu);
+        dl_copy_part(p, part);
+        pthread_mutex_lock(&p->mu);
+        if (--p->pending == 0) pthread_cond_signal(&p->done);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
+static void dl_pool_free(struct dl_pool *p)
+{
+    if (!p) return;
+    pthread_mutex_lock(&p->mu);
+    p->quit = 1;
+    pthread_cond_broadcast(&p->go);
+    pthread_mutex_unlock(&p->mu);
+    for (int i = 0; i < p->n; i++) pthread_join(p->th[i], NULL);
+    pthread_mutex_destroy(&p->mu);
+    pthread_cond_destroy(&p->go);
+    pthread_cond_destroy(&p->done);
+    free(p);
+}
+
+/* Started at the first large download; NULL (copies on the caller's thread alone) when threads cannot start. */
+static struct dl_pool *dl_pool_get(struct cuda_backend *cb)
+{
+    if (cb->dl) return cb->dl;
+    struct dl_pool *p = (struct dl_pool *)calloc(1, sizeof(*p));
+    if (!p) return NULL;
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->go, NULL);
+    pthread_cond_init(&p->done, NULL);
+    for (int i = 0; i < DL_THREADS - 1; i++) {
+        struct dl_arg *a = (struct dl_arg *)malloc(sizeof(*a));
+        if (!a) break;
+        a->p = p;
+        a->part = i + 1;
+        if (pthread_create(&p->th[i], NULL, dl_worker, a) != 0) {
+            free(a);
+            break;
+        }
+        p->n++;
+    }
+    cb->dl = p;
+    return p;
+}
+
+/* dst[0, len) = src[0, len) by the caller and the pool's threads */
+static void dl_copy(struct dl_pool *p, unsigned char *dst, const unsigned char *src, size_t len)
+{
+    if (!p || p->n == 0 || len < ((size_t)128 << 10)) {
+        memcpy(dst, src, len);
+        return;
+    }
+    pthread_mutex_lock(&p->mu);
+    p->dst = dst;
+    p->src = src;
+    p->len = len;
+    p->parts = p->n + 1;
+    p->pending = p->n;
+    p->gen++;
+    pthread_cond_broadcast(&p->go);
+    pthread_mutex_unlock(&p->mu);
+    dl_copy_part(p, 0);
+    pthread_mutex_lock(&p->mu);
+    while (p->pending > 0) pthread_cond_wait(&p->done, &p->mu);
+    pthread_mutex_unlock(&p->mu);
+}
+
+/* Device -> pageable host through two pinned buffers (the staging buffer: free once the queue has run, which the
+ * copies, ordered after it on the stream, guarantee): piece k+1 is in flight while piece k is copied out. */
+static void download_pipelined(struct cuda_backend *cb, unsigned char *dst, const unsigned char *src, size_t bytes)
+{
+    struct dl_pool *pool = dl_pool_get(cb);
+    size_t prev_off = 0, prev_len = 0;
+    int k = 0;
+    for (size_t off = 0; off < bytes; off += DL_CHUNK, k++) {
+        const size_t len = ST_MIN(DL_CHUNK, bytes - off);
+        unsigned char *b = cb->staging + (size_t)(k & 1) * DL_CHUNK;
+        if (!check(cb, cudaMemcpyAsync(b, src + off, len, cudaMemcpyDeviceToHost, cb->stream), "download") ||
+            !check(cb, cudaEventRecord(cb->dl_ev[k & 1], cb->stream), "download"))
+            return;
+        if (k > 0) {
+            if (!check(cb, cudaEventSynchronize(cb->dl_ev[(k - 1) & 1]), "download")) return;
+            dl_copy(pool, dst + prev_off, cb->staging + (size_t)((k - 1) & 1) * DL_CHUNK, prev_len);
+        }
+        prev_off = off;
+        prev_len = len;
+    }
+    if (k > 0 && check(cb, cudaEventSynchronize(cb->dl_ev[(k - 1) & 1]), "download"))
+        dl_copy(pool, dst + prev_off, cb->staging + (size_t)((k - 1) & 1) * DL_CHUNK, prev_len);
+}
+
+static bool host_pinned(const void *p)
+{
+    cudaPointerAttributes at;
+    if (cudaPointerGetAttributes(&at, p) != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
+    return at.type == cudaMemoryTypeHost;
+}
+
 static int cu_download(struct backend *b, void *dst, const void *src, size_t bytes)
 {
     struct cuda_backend *cb = cub(b);
     flush(cb);
     cudaSetDevice(cb->device);
-    if (!cb->err_code && bytes) check(cb, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cb->stream), "download");
+    if (!cb->err_code && bytes) {
+        if ((cb->flags & CUDA_FLAG_DLPIPE) && bytes >= DL_PIPE_MIN && cb->staging_bytes >= 2 * DL_CHUNK && !host_pinned(dst))
+            download_pipelined(cb, (unsigned char *)dst, (const unsigned char *)src, bytes);
+        else
+            check(cb, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cb->stream), "download");
+    }
     check(cb, cudaStreamSynchronize(cb->stream), "stream synchronize");
     cb->staging_used = 0;
+    if (cb->prof_n_pend) prof_collect(cb);
     return cb->err_code;
 }
 
@@ -865,11 +1194,19 @@ static const struct backend_ops *cuda_ops(void)
 
 static unsigned flags_from_env(void)
 {
-    unsigned f = CUDA_FLAG_GRAPHS | CUDA_FLAG_FUSE | CUDA_FLAG_PDL;
-    const char *v;
-    if ((v = getenv("STRATA_CUDA_GRAPHS")) && !strcmp(v, "0")) f &= ~(unsigned)CUDA_FLAG_GRAPHS;
-    if ((v = getenv("STRATA_CUDA_FUSE")) && !strcmp(v, "0")) f &= ~(unsigned)CUDA_FLAG_FUSE;
-    if ((v = getenv("STRATA_CUDA_PDL")) && !strcmp(v, "0")) f &= ~(unsigned)CUDA_FLAG_PDL;
+    static const struct {
+        const char *name;
+        unsigned flag;
+    } env[] = {{"STRATA_CUDA_GRAPHS", CUDA_FLAG_GRAPHS}, {"STRATA_CUDA_FUSE", CUDA_FLAG_FUSE},
+               {"STRATA_CUDA_PDL", CUDA_FLAG_PDL},       {"STRATA_CUDA_MMV2", CUDA_FLAG_MMV2},
+               {"STRATA_CUDA_ATTNV2", CUDA_FLAG_ATTNV2}, {"STRATA_CUDA_DLPIPE", CUDA_FLAG_DLPIPE},
+               {"STRATA_CUDA_MMTMA", CUDA_FLAG_MMTMA}};
+    unsigned f = CUDA_FLAG_DEFAULT;
+    for (size_t i = 0; i < ST_ARRAY_LEN(env); i++) {
+        const char *v = getenv(env[i].name);
+        if (v && !strcmp(v, "0")) f &= ~env[i].flag;
+        if (v && !strcmp(v, "1")) f |= env[i].flag;
+    }
     return f;
 }
 
@@ -901,7 +1238,16 @@ extern "C" int cuda_backend_init(struct backend **out, const struct backend_opts
     cb->device = o->device;
     cb->sm_count = prop.multiProcessorCount;
     cb->max_smem = (int)prop.sharedMemPerBlockOptin;
+    cb->max_smem_sm = (int)prop.sharedMemPerMultiprocessor;
     cb->flags = flags_from_env();
+    {
+        const char *v = getenv("STRATA_CUDA_MM_BPS");
+        cb->mm_bps = v && *v ? atoi(v) : -1;
+        if (cb->mm_bps < -1) cb->mm_bps = -1;
+        v = getenv("STRATA_CUDA_MM_TB");
+        cb->mm_tb = v && *v ? atoi(v) : 0;
+        if (cb->mm_tb < 0) cb->mm_tb = 0;
+    }
     snprintf(cb->base.device_name, sizeof(cb->base.device_name), "cuda:%d %.80s (%d SMs, %.0f GiB)", o->device, prop.name,
              prop.multiProcessorCount, prop.totalGlobalMem / 1073741824.0);
     size_t fr = 0, tot = 0;
@@ -919,7 +1265,9 @@ extern "C" int cuda_backend_init(struct backend **out, const struct backend_opts
     if ((e = cudaStreamCreateWithFlags(&cb->stream, cudaStreamNonBlocking)) != cudaSuccess ||
         (e = cudaHostAlloc((void **)&cb->staging, (size_t)32 << 20, cudaHostAllocPortable | cudaHostAllocMapped)) != cudaSuccess ||
         (e = cudaHostGetDevicePointer((void **)&cb->staging_dev, cb->staging, 0)) != cudaSuccess ||
-        (e = cuda_matmul_setup(cb->max_smem)) != cudaSuccess || (e = cuda_attn_setup(cb->max_smem)) != cudaSuccess) {
+        (e = cuda_matmul_setup(cb->max_smem)) != cudaSuccess || (e = cuda_attn_setup(cb->max_smem)) != cudaSuccess ||
+        (e = cudaEventCreateWithFlags(&cb->dl_ev[0], cudaEventDisableTiming)) != cudaSuccess ||
+        (e = cudaEventCreateWithFlags(&cb->dl_ev[1], cudaEventDisableTiming)) != cudaSuccess) {
         cudaGetLastError();
         rc = err_set(err, ST_EIO, "cuda:%d: %s", o->device, cudaGetErrorString(e));
         goto fail;
@@ -947,7 +1295,56 @@ extern "C" void cuda_backend_set_flags(struct backend *b, unsigned flags)
 {
     struct cuda_backend *cb = cub(b);
     sync_all(cb);
-    cb->flags = flags & (CUDA_FLAG_GRAPHS | CUDA_FLAG_FUSE | CUDA_FLAG_PDL);
+    cb->flags = flags & CUDA_FLAG_ALL;
+}
+
+extern "C" void cuda_backend_set_mm_schedule(struct backend *b, int blocks_per_sm, int grid_max, int tiles_per_group)
+{
+    struct cuda_backend *cb = cub(b);
+    sync_all(cb);
+    cb->mm_bps = blocks_per_sm < -1 ? -1 : blocks_per_sm;
+    cb->mm_grid_max = grid_max < 0 ? 0 : grid_max;
+    cb->mm_tb = tiles_per_group < 0 ? 0 : tiles_per_group;
+}
+
+extern "C" int cuda_backend_profile(struct backend *b, int mode)
+{
+    struct cuda_backend *cb = cub(b);
+    sync_all(cb);
+    if (mode && !cb->prof_rows) {
+        cb->prof_rows = (struct cuda_prof_row *)calloc(PROF_ROWS, sizeof(struct cuda_prof_row));
+        if (!cb->prof_rows) return ST_ENOMEM;
+    }
+    if (mode) cb->prof_n_rows = 0;
+    cb->prof_mode = mode == 1 || mode == 2 ? mode : 0;
+    return ST_OK;
+}
+
+static int cmp_row(const void *a, const void *b)
+{
+    const double x = ((const struct cuda_prof_row *)a)->ms, y = ((const struct cuda_prof_row *)b)->ms;
+    return x > y ? -1 : x < y;
+}
+
+extern "C" int cuda_backend_profile_rows(const struct backend *b, struct cuda_prof_row *rows, int max)
+{
+    const struct cuda_backend *cb = (const struct cuda_backend *)b;
+    const int n = ST_MIN(max, cb->prof_n_rows);
+    if (n <= 0) return 0;
+    struct cuda_prof_row *all = (struct cuda_prof_row *)malloc(sizeof(*all) * (size_t)cb->prof_n_rows);
+    if (!all) return 0;
+    memcpy(all, cb->prof_rows, sizeof(*all) * (size_t)cb->prof_n_rows);
+    qsort(all, (size_t)cb->prof_n_rows, sizeof(*all), cmp_row);
+    memcpy(rows, all, sizeof(*all) * (size_t)n);
+    free(all);
+    return n;
+}
+
+extern "C" void cuda_profiler_range(int start)
+{
+    if (start) cudaProfilerStart();
+    else cudaProfilerStop();
+    cudaGetLastError();
 }
 
 extern "C" unsigned cuda_backend_get_flags(const struct backend *b) { return ((const struct cuda_backend *)b)->flags; }

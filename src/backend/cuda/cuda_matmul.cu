@@ -336,6 +336,466 @@ __global__ void __launch_bounds__(512) mm_kernel(const __grid_constant__ struct 
     }
 }
 
+/* ---- v2: the streaming kernel ----
+ * The same arithmetic per output element as mm_kernel (same slices, same chunk order, same group folds, slices
+ * summed in slice order, same epilogue): results are bit-identical. What changes is the schedule:
+ *   - a block of p.warps warps (at most 8) owns groups of p.tb consecutive tiles: groups blockIdx.x, + gridDim.x,
+ *     ... (the grid is capped near the SM count, so consecutive kernels can be resident together and the next
+ *     one streams its weights under programmatic dependent launch while this one finishes);
+ *   - a work item is one (tile, slice); the tb * slices items of a group go to the warps round-robin, slice-major
+ *     (the warps of one round read the same slice of x: the L1 serves the other tiles);
+ *   - each warp's register ring always holds the next chunks of its own item stream: when a chunk of the current
+ *     item is consumed, its slot is refilled with a later chunk of the same item or, near the end, with the first
+ *     chunks of the warp's next item; the next item's scale pairs are copied (cp.async) into the warp's other
+ *     shared-memory buffer while the current item computes. */
+struct mm2_item {
+    const uint4 *a[2];
+    const unsigned char *sb[2];
+    int c0, nch;
+};
+
+/* The item (tile, slice) of position (group q, round) for this warp; false when the warp has none there. */
+static __device__ __forceinline__ bool mm2_locate(const struct mm_args &p, int q, int round, int warp, int *tile, int *slice)
+{
+    const int i = round * p.warps + warp;
+    if (i >= p.tb * p.slices) return false;
+    const int t = i % p.tb, tl = q * p.tb + t;
+    if (tl >= p.tiles) return false;
+    *tile = tl;
+    *slice = i / p.tb;
+    return true;
+}
+
+/* Moves position (q, pass, round) to the warp's next item; false when it has no more. */
+static __device__ __forceinline__ bool mm2_advance(const struct mm_args &p, int passes, int rounds, int warp, int &q, int &pass,
+                                                   int &round, int *tile, int *slice)
+{
+    for (;;) {
+        if (++round == rounds) {
+            round = 0;
+            if (++pass == passes) {
+                pass = 0;
+                q += (int)gridDim.x;
+                if (q >= p.ngroups) return false;
+            }
+        }
+        if (mm2_locate(p, q, round, warp, tile, slice)) return true;
+    }
+}
+
+/* The warp's next item after position (q, pass, round); false when it has no more. */
+static __device__ __forceinline__ bool mm2_next(const struct mm_args &p, int passes, int rounds, int warp, int q, int pass,
+                                                int round, int *tile, int *slice)
+{
+    return mm2_advance(p, passes, rounds, warp, q, pass, round, tile, slice);
+}
+
+static __device__ __forceinline__ int mm2_part(const struct mm_args &p, int tile)
+{
+    int j = 0;
+    if (p.n_parts > 1 && tile >= p.part[1].block0) j = 1;
+    if (p.n_parts > 2 && tile >= p.part[2].block0) j = 2;
+    return j;
+}
+
+template <int R, int KC>
+static __device__ __forceinline__ void mm2_item_of(const struct mm_args &p, int tile, int s, int lane, int sbw, mm2_item &it)
+{
+    const int j = mm2_part(p, tile), mt = tile - p.part[j].block0;
+    const int u0 = s * p.units / p.slices, u1 = (s + 1) * p.units / p.slices;
+    it.c0 = u0 * p.unit_chunks;
+    it.nch = (u1 - u0) * p.unit_chunks;
+    it.a[0] = p.part[j].a + (size_t)mt * p.chunks * 32 + lane;
+    it.a[1] = R == 2 ? p.part[j].a2 + (size_t)mt * p.chunks * 32 + lane : it.a[0];
+    const size_t sbo = p.gsteps ? ((size_t)mt * p.groups + (size_t)(it.c0 * KC / p.gsteps)) * 16 * sbw : 0;
+    it.sb[0] = (const unsigned char *)p.part[j].sb + sbo;
+    it.sb[1] = R == 2 ? (const unsigned char *)p.part[j].sb2 + sbo : it.sb[0];
+}
+
+static __device__ __forceinline__ void cp_async_wait1(void) { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+
+/* ---- mbarrier + bulk copy (TMA) helpers ---- */
+static __device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+static __device__ __forceinline__ void mbar_init(uint64_t *bar)
+{
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
+}
+static __device__ __forceinline__ void mbar_expect(uint64_t *bar, uint32_t bytes)
+{
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+/* Waits for the phase of parity `parity` to complete. A copy that never lands (a bug) traps after ~10 s of waiting
+ * instead of hanging the device: the launch then fails with an error. */
+static __device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity)
+{
+    uint32_t done = 0;
+    long long t0 = 0;
+    for (;;) {
+        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                     : "=r"(done)
+                     : "r"(smem_addr(bar)), "r"(parity)
+                     : "memory");
+        if (done) return;
+        if (t0 == 0) t0 = clock64();
+        else if (clock64() - t0 > 20000000000ll) __trap();
+    }
+}
+static __device__ __forceinline__ void bulk_g2s(void *dst, const void *src, uint32_t bytes, uint64_t *bar)
+{
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_addr(dst)),
+                 "l"(src), "r"(bytes), "r"(smem_addr(bar))
+                 : "memory");
+}
+
+template <int WT, int NT, int R, bool TMA>
+__global__ void __launch_bounds__(256, 2) mm2_kernel(const __grid_constant__ struct mm_args p)
+{
+    constexpr int KC = WT == CW_Q8 ? 2 : (WT == CW_Q4 ? 4 : 1);
+    constexpr bool Q = WT != CW_BF16;
+    constexpr int D = (NT == 1 ? 8 : 4) / R;
+    constexpr float CENTER = WT == CW_Q8 ? 128.0f : 8.0f;
+    constexpr int E = NT * 128;
+    extern __shared__ __align__(16) unsigned char smem[];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int sbw = p.sb_f32 ? 8 : 4;
+    const int passes = (p.n + 8 * NT - 1) / (8 * NT);
+    const int items = p.tb * p.slices, rounds = (items + p.warps - 1) / p.warps;
+    constexpr bool tma = TMA;
+    /* shared memory. ring mode: [warps][2][R][gmax][16] scale pairs | red | s_inv.
+     * tma mode: [warps][nb] mbarriers (padded to 128 B) | [warps][nb] buffers of bufb bytes | red | s_inv. */
+    const size_t sb_one = Q ? (size_t)R * p.gmax * 16 * sbw : 0;
+    size_t off = 0;
+    uint64_t *bars = (uint64_t *)smem;
+    unsigned char *s_sbw = smem + (size_t)warp * 2 * sb_one;
+    unsigned char *wbase = smem;
+    if (tma) {
+        off = ((size_t)p.warps * p.nb * 8 + 127) & ~(size_t)127;
+        wbase = smem + off + (size_t)warp * p.nb * p.bufb;
+        off += (size_t)p.warps * p.nb * p.bufb;
+    } else {
+        off = (size_t)p.warps * 2 * sb_one;
+    }
+    float *s_red = (float *)(smem + off);
+    float *s_inv = s_red + (size_t)items * R * E;
+    uint64_t *wbar = bars + (size_t)warp * (tma ? p.nb : 0);
+
+    /* ring mode: scale pairs of an item into buffer b of this warp, one commit group per item (empty when none) */
+    auto copy_sb = [&](const mm2_item &it, int b) {
+        if (Q) {
+            const int bytes = it.nch * KC / p.gsteps * 16 * sbw;
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                unsigned char *dst = s_sbw + (size_t)b * sb_one + (size_t)r * p.gmax * 16 * sbw;
+                for (int o = lane * 16; o < bytes; o += 512) cp_async16(dst + o, it.sb[r] + o);
+            }
+        }
+        cp_async_commit();
+    };
+    /* tma mode: item `it` into buffer b (lane 0 issues; the mbarrier counts the bytes) */
+    auto issue_tma = [&](const mm2_item &it, int b) {
+        if (lane == 0) {
+            unsigned char *dst = wbase + (size_t)b * p.bufb;
+            const uint32_t wb = (uint32_t)it.nch * 512u, sbb = Q ? (uint32_t)(it.nch * KC / p.gsteps * 16 * sbw) : 0u;
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); /* our reads of the buffer come first */
+            mbar_expect(&wbar[b], (uint32_t)R * (wb + sbb));
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                bulk_g2s(dst + (size_t)r * p.nchmax * 512, it.a[r] - lane + (size_t)it.c0 * 32, wb, &wbar[b]);
+                if (Q) bulk_g2s(dst + (size_t)R * p.nchmax * 512 + (size_t)r * p.gmax * 16 * sbw, it.sb[r], sbb, &wbar[b]);
+            }
+        }
+    };
+
+    uint4 buf[R][D];
+#pragma unroll
+    for (int d = 0; d < D; d++)
+#pragma unroll
+        for (int r = 0; r < R; r++) buf[r][d] = make_uint4(0, 0, 0, 0);
+    mm2_item cur;
+    cur.nch = 0;
+    /* tma mode: position of the last item issued (the warp's items are issued nb - 1 ahead of the one computed) */
+    int iq = 0, ipass = 0, iround = 0;
+    bool imore = false;
+    int issued = 0;
+    uint32_t phase = 0; /* bit b: parity to wait for on buffer b */
+    {
+        int t0, s0;
+        bool have = (int)blockIdx.x < p.ngroups &&
+                    (mm2_locate(p, blockIdx.x, 0, warp, &t0, &s0) || mm2_next(p, passes, rounds, warp, blockIdx.x, 0, 0, &t0, &s0));
+        if (tma) {
+            if (lane == 0)
+                for (int b = 0; b < p.nb; b++) mbar_init(&wbar[b]);
+            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+            __syncwarp();
+            if (have) {
+                /* the issue cursor: position of the last item issued */
+                iq = blockIdx.x;
+                ipass = 0;
+                iround = 0;
+                int tt = t0, ss = s0;
+                if (!mm2_locate(p, iq, 0, warp, &tt, &ss)) mm2_advance(p, passes, rounds, warp, iq, ipass, iround, &tt, &ss);
+                mm2_item it;
+                mm2_item_of<R, KC>(p, tt, ss, lane, sbw, it);
+                issue_tma(it, 0);
+                issued = 1;
+                imore = true;
+                while (issued < p.nb - 1) {
+                    if (!mm2_advance(p, passes, rounds, warp, iq, ipass, iround, &tt, &ss)) {
+                        imore = false;
+                        break;
+                    }
+                    mm2_item_of<R, KC>(p, tt, ss, lane, sbw, it);
+                    issue_tma(it, issued % p.nb);
+                    issued++;
+                }
+            }
+        } else if (have) {
+            mm2_item_of<R, KC>(p, t0, s0, lane, sbw, cur);
+#pragma unroll
+            for (int d = 0; d < D; d++)
+#pragma unroll
+                for (int r = 0; r < R; r++)
+                    if (d < cur.nch) buf[r][d] = ld_w(cur.a[r] + (size_t)(cur.c0 + d) * 32);
+            copy_sb(cur, 0);
+        } else {
+            cp_async_commit();
+        }
+    }
+    if (p.pro == MM_PRO_NORM)
+        for (int o = threadIdx.x * 32; o < p.k; o += blockDim.x * 32) prefetch_l1(p.nw + o);
+    pdl_launch();
+    pdl_wait();
+    const bool x_al = ((uintptr_t)p.x & 15) == 0, nw_al = ((uintptr_t)p.nw & 15) == 0;
+
+    int kk_item = 0; /* items this warp has done: ring mode: item k's scales are in buffer k & 1; tma: buffer k % nb */
+    for (int q = blockIdx.x; q < p.ngroups; q += gridDim.x) {
+        const bool first_group = q == (int)blockIdx.x;
+        for (int pass = 0; pass < passes; pass++) {
+            const int n0 = pass * 8 * NT;
+            if (first_group || passes > 1) {
+                /* a small x: every 128-byte line requested at once */
+                const int rows = min(p.n - n0, 8 * NT);
+                if ((size_t)rows * p.k <= 32768)
+                    for (int o = threadIdx.x * 32; o < rows * p.k; o += blockDim.x * 32) prefetch_l1(p.x + (size_t)n0 * p.k + o);
+            }
+            if (p.pro == MM_PRO_NORM && (first_group || passes > 1)) {
+                __syncthreads(); /* s_inv of the previous pass */
+                for (int rr = warp; rr < 8 * NT; rr += p.warps) {
+                    const int row = n0 + rr;
+                    const float inv = row < p.n ? warp_inv_rms(p.x + (size_t)row * p.k, p.k, p.eps, lane) : 0.0f;
+                    if (lane == 0) s_inv[rr] = inv;
+                }
+                __syncthreads();
+                if (blockIdx.x == 0 && q == 0 && p.xb) {
+                    for (int rr = 0; rr < 8 * NT && n0 + rr < p.n; rr++) {
+                        const float *xr = p.x + (size_t)(n0 + rr) * p.k;
+                        float *o = p.xb + (size_t)(n0 + rr) * p.k;
+                        for (int kk = threadIdx.x; kk < p.k; kk += blockDim.x) o[kk] = norm_apply(xr[kk], s_inv[rr], p.nw[kk]);
+                    }
+                }
+            }
+            for (int round = 0; round < rounds; round++) {
+                int tile, sl;
+                if (!mm2_locate(p, q, round, warp, &tile, &sl)) continue;
+                mm2_item nx;
+                nx.nch = 0;
+                const unsigned char *s_sb;
+                const uint4 *wsm = nullptr;
+                if (tma) {
+                    /* keep nb - 1 items in flight: issue the next one into the buffer the previous item used */
+                    if (imore) {
+                        int nt_, ns_;
+                        if (mm2_advance(p, passes, rounds, warp, iq, ipass, iround, &nt_, &ns_)) {
+                            mm2_item it;
+                            mm2_item_of<R, KC>(p, nt_, ns_, lane, sbw, it);
+                            issue_tma(it, issued % p.nb);
+                            issued++;
+                        } else {
+                            imore = false;
+                        }
+                    }
+                    mm2_item_of<R, KC>(p, tile, sl, lane, sbw, cur);
+                    const int b = kk_item % p.nb;
+                    mbar_wait(&wbar[b], (phase >> b) & 1u);
+                    phase ^= 1u << b;
+                    wsm = (const uint4 *)(wbase + (size_t)b * p.bufb);
+                    s_sb = wbase + (size_t)b * p.bufb + (size_t)R * p.nchmax * 512;
+                } else {
+                    /* cur is this item; fetch the next one's scales into the other buffer */
+                    int ntile = 0, nsl = 0;
+                    const bool hn = mm2_next(p, passes, rounds, warp, q, pass, round, &ntile, &nsl);
+                    if (hn) {
+                        mm2_item_of<R, KC>(p, ntile, nsl, lane, sbw, nx);
+                        copy_sb(nx, (kk_item + 1) & 1);
+                    } else {
+                        cp_async_commit();
+                    }
+                    /* ring slots this item does not use take the next item's first chunks now */
+#pragma unroll
+                    for (int d = 0; d < D; d++)
+#pragma unroll
+                        for (int r = 0; r < R; r++)
+                            if (d >= cur.nch && d < nx.nch) buf[r][d] = ld_w(nx.a[r] + (size_t)(nx.c0 + d) * 32);
+                    cp_async_wait1(); /* this item's scale pairs */
+                    __syncwarp();
+                    s_sb = s_sbw + (size_t)(kk_item & 1) * sb_one;
+                }
+
+                float acc[R][NT][4], cg[R][NT][4], xsp[NT], inv[NT];
+                const float *xr[NT];
+                bool ok[NT];
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) {
+                    const int row = n0 + nt * 8 + (lane >> 2);
+                    ok[nt] = row < p.n;
+                    xr[nt] = p.x + (size_t)(ok[nt] ? row : 0) * p.k;
+                    inv[nt] = p.pro == MM_PRO_NORM ? s_inv[nt * 8 + (lane >> 2)] : 1.0f;
+                    xsp[nt] = 0.0f;
+#pragma unroll
+                    for (int r = 0; r < R; r++)
+#pragma unroll
+                        for (int i = 0; i < 4; i++) acc[r][nt][i] = cg[r][nt][i] = 0.0f;
+                }
+                int gstep = 0, g = 0;
+                const int nch = cur.nch, c0 = cur.c0;
+                for (int cc = 0; cc < nch; cc += D) {
+#pragma unroll
+                    for (int d = 0; d < D; d++) {
+                        const int c = cc + d;
+                        if (c < nch) {
+                            uint4 cw[R];
+#pragma unroll
+                            for (int r = 0; r < R; r++) {
+                                if (tma) {
+                                    cw[r] = wsm[((size_t)r * p.nchmax + c) * 32 + lane];
+                                } else {
+                                    cw[r] = buf[r][d];
+                                    if (c + D < nch) buf[r][d] = ld_w(cur.a[r] + (size_t)(c0 + c + D) * 32);
+                                    else if (d < nx.nch) buf[r][d] = ld_w(nx.a[r] + (size_t)(nx.c0 + d) * 32);
+                                }
+                            }
+#pragma unroll
+                            for (int ks = 0; ks < KC; ks++) {
+                                const int k = ((c0 + c) * KC + ks) * 16 + (lane & 3) * 4;
+                                float4 w4 = make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+                                if (p.pro == MM_PRO_NORM && k < p.k) w4 = ld_f4(p.nw + k, nw_al);
+                                uint32_t bh[NT][2], bl[NT][2];
+#pragma unroll
+                                for (int nt = 0; nt < NT; nt++) {
+                                    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                                    if (n0 + nt * 8 < p.n) {
+                                        if (ok[nt] && k < p.k) v = ld_f4(xr[nt] + k, x_al);
+                                        if (p.pro == MM_PRO_NORM) {
+                                            v.x = norm_apply(v.x, inv[nt], w4.x);
+                                            v.y = norm_apply(v.y, inv[nt], w4.y);
+                                            v.z = norm_apply(v.z, inv[nt], w4.z);
+                                            v.w = norm_apply(v.w, inv[nt], w4.w);
+                                        }
+                                        if (Q) xsp[nt] += (v.x + v.y) + (v.z + v.w);
+                                    }
+                                    split2(v.x, v.y, bh[nt][0], bl[nt][0]);
+                                    split2(v.z, v.w, bh[nt][1], bl[nt][1]);
+                                }
+#pragma unroll
+                                for (int r = 0; r < R; r++) {
+                                    uint32_t a[4];
+                                    dequant<WT>(cw[r], ks, a);
+#pragma unroll
+                                    for (int nt = 0; nt < NT; nt++) {
+                                        if (n0 + nt * 8 < p.n) {
+                                            float *cc_ = Q ? cg[r][nt] : acc[r][nt];
+                                            mma_bf16(cc_, a, bh[nt][0], bh[nt][1]);
+                                            mma_bf16(cc_, a, bl[nt][0], bl[nt][1]);
+                                        }
+                                    }
+                                }
+                                if (Q && ++gstep == p.gsteps) {
+                                    gstep = 0;
+#pragma unroll
+                                    for (int nt = 0; nt < NT; nt++) {
+                                        float t = xsp[nt];
+                                        t += __shfl_xor_sync(0xffffffffu, t, 1);
+                                        t += __shfl_xor_sync(0xffffffffu, t, 2);
+                                        const float xa = __shfl_sync(0xffffffffu, t, (lane & 3) * 8);
+                                        const float xb = __shfl_sync(0xffffffffu, t, (lane & 3) * 8 + 4);
+                                        xsp[nt] = 0.0f;
+#pragma unroll
+                                        for (int r = 0; r < R; r++) {
+                                            const size_t i0 = ((size_t)r * p.gmax + g) * 16 + (lane >> 2);
+                                            float s0, b0, s1, b1;
+                                            if (p.sb_f32) {
+                                                const float2 e0 = ((const float2 *)s_sb)[i0], e1 = ((const float2 *)s_sb)[i0 + 8];
+                                                s0 = e0.x, b0 = e0.y, s1 = e1.x, b1 = e1.y;
+                                            } else {
+                                                const uint32_t e0 = ((const uint32_t *)s_sb)[i0], e1 = ((const uint32_t *)s_sb)[i0 + 8];
+                                                s0 = bf16_bits_f(e0 & 0xffffu), b0 = bf16_bits_f(e0 >> 16);
+                                                s1 = bf16_bits_f(e1 & 0xffffu), b1 = bf16_bits_f(e1 >> 16);
+                                            }
+                                            const float bc0 = fmaf(CENTER, s0, b0), bc1 = fmaf(CENTER, s1, b1);
+                                            float *ac = acc[r][nt], *cq = cg[r][nt];
+                                            ac[0] = fmaf(bc0, xa, fmaf(s0, cq[0], ac[0]));
+                                            ac[1] = fmaf(bc0, xb, fmaf(s0, cq[1], ac[1]));
+                                            ac[2] = fmaf(bc1, xa, fmaf(s1, cq[2], ac[2]));
+                                            ac[3] = fmaf(bc1, xb, fmaf(s1, cq[3], ac[3]));
+                                            cq[0] = cq[1] = cq[2] = cq[3] = 0.0f;
+                                        }
+                                    }
+                                    g++;
+                                }
+                            }
+                        }
+                    }
+                }
+                /* this item's partial sums, in its (tile, slice) slot */
+                float *red = s_red + (size_t)((tile - q * p.tb) * p.slices + sl) * (R * E);
+#pragma unroll
+                for (int r = 0; r < R; r++)
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                        for (int i = 0; i < 4; i++) red[((r * NT + nt) * 4 + i) * 32 + lane] = acc[r][nt][i];
+                if (!tma) cur = nx;
+                kk_item++;
+                __syncwarp(); /* every lane is done with this item's buffers before they are refilled */
+            }
+            __syncthreads();
+            /* sum the slices in slice order, then the epilogue (as mm_kernel) */
+            for (int e = threadIdx.x; e < p.tb * E; e += blockDim.x) {
+                const int t = e / E, ee = e - t * E, tile = q * p.tb + t;
+                if (tile >= p.tiles) continue;
+                const int j = mm2_part(p, tile), mt = tile - p.part[j].block0, M = p.part[j].m;
+                const float *rb = s_red + (size_t)t * p.slices * (R * E);
+                float v[R];
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    float s = rb[r * E + ee];
+                    for (int w = 1; w < p.slices; w++) s += rb[(size_t)w * (R * E) + r * E + ee];
+                    v[r] = s;
+                }
+                const int qq = ee >> 5, ln = ee & 31, nt = qq >> 2, i = qq & 3;
+                const int m = mt * 16 + (ln >> 2) + (i >> 1) * 8;
+                const int n = n0 + nt * 8 + (ln & 3) * 2 + (i & 1);
+                if (m < M && n < p.n) {
+                    const size_t o = (size_t)n * M + m;
+                    float y = v[0];
+                    if (p.part[j].bias) y += p.part[j].bias[m];
+                    if (R == 2 && p.epi == MM_EPI_GLU) {
+                        float u = v[R - 1];
+                        if (p.part[j].bias2) u += p.part[j].bias2[m];
+                        p.part[j].y2[o] = u;
+                        p.part[j].y[o] = silu_mul_f(y, u);
+                    } else {
+                        p.part[j].y[o] = y;
+                        if (p.epi == MM_EPI_ADD) p.x2[o] += y;
+                    }
+                }
+            }
+            __syncthreads(); /* s_red is reused by the next pass */
+        }
+    }
+    cp_async_wait_all();
+}
+
 typedef void (*mm_fn)(struct mm_args);
 #define MM_K(WT, NT, R) (mm_fn) mm_kernel<WT, NT, R>
 /* [kind][nt 1, 2, 4][r 1, 2]; a gate/up pair (r = 2) runs 16 batch columns per pass at most (registers) */
@@ -345,32 +805,55 @@ static const mm_fn mm_kernels[3][3][2] = {
     {{MM_K(CW_BF16, 1, 1), MM_K(CW_BF16, 1, 2)}, {MM_K(CW_BF16, 2, 1), MM_K(CW_BF16, 2, 2)}, {MM_K(CW_BF16, 4, 1), NULL}},
 };
 
+#define MM2_K(WT, NT, R, T) (mm_fn) mm2_kernel<WT, NT, R, T>
+#define MM2_T(T)                                                                                                     \
+    {{{MM2_K(CW_Q8, 1, 1, T), MM2_K(CW_Q8, 1, 2, T)}, {MM2_K(CW_Q8, 2, 1, T), MM2_K(CW_Q8, 2, 2, T)}, {MM2_K(CW_Q8, 4, 1, T), NULL}}, \
+     {{MM2_K(CW_Q4, 1, 1, T), MM2_K(CW_Q4, 1, 2, T)}, {MM2_K(CW_Q4, 2, 1, T), MM2_K(CW_Q4, 2, 2, T)}, {MM2_K(CW_Q4, 4, 1, T), NULL}}, \
+     {{MM2_K(CW_BF16, 1, 1, T), MM2_K(CW_BF16, 1, 2, T)},                                                       \
+      {MM2_K(CW_BF16, 2, 1, T), MM2_K(CW_BF16, 2, 2, T)},                                                       \
+      {MM2_K(CW_BF16, 4, 1, T), NULL}}}
+/* [register ring, tma][kind][nt 1, 2, 4][r 1, 2] */
+static const mm_fn mm2_kernels[2][3][3][2] = {MM2_T(false), MM2_T(true)};
+
 static int nt_index(int nt) { return nt == 1 ? 0 : nt == 2 ? 1 : 2; }
 
 extern "C" size_t cuda_mm_smem_bytes(const struct mm_args *a)
 {
-    size_t sb = a->kind == CW_BF16 ? 0 : (size_t)a->r * a->groups * 16 * (a->sb_f32 ? 8 : 4);
+    const int sbw = a->sb_f32 ? 8 : 4;
+    if (a->v2) {
+        const size_t tail = sizeof(float) * ((size_t)a->tb * a->slices * a->r * a->nt * 128 + 8 * (size_t)a->nt);
+        if (a->tma) return (((size_t)a->warps * a->nb * 8 + 127) & ~(size_t)127) + (size_t)a->warps * a->nb * a->bufb + tail;
+        const size_t sb = a->kind == CW_BF16 ? 0 : (size_t)a->warps * 2 * a->r * a->gmax * 16 * sbw;
+        return sb + tail;
+    }
+    size_t sb = a->kind == CW_BF16 ? 0 : (size_t)a->r * a->groups * 16 * sbw;
     return sb + sizeof(float) * ((size_t)a->slices * a->r * a->nt * 128 + 8 * (size_t)a->nt);
 }
 
 extern "C" cudaError_t cuda_matmul_setup(int max_smem)
 {
-    for (int w = 0; w < 3; w++)
-        for (int t = 0; t < 3; t++)
-            for (int r = 0; r < 2; r++) {
-                if (!mm_kernels[w][t][r]) continue;
-                cudaFuncAttributes fa;
-                cudaError_t e = cudaFuncGetAttributes(&fa, (const void *)mm_kernels[w][t][r]);
-                if (e == cudaSuccess)
-                    e = cudaFuncSetAttribute((const void *)mm_kernels[w][t][r], cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             max_smem - (int)fa.sharedSizeBytes);
-                if (e != cudaSuccess) return e;
-            }
+    for (int v = 0; v < 3; v++)
+        for (int w = 0; w < 3; w++)
+            for (int t = 0; t < 3; t++)
+                for (int r = 0; r < 2; r++) {
+                    const mm_fn k = v ? mm2_kernels[v - 1][w][t][r] : mm_kernels[w][t][r];
+                    if (!k) continue;
+                    cudaFuncAttributes fa;
+                    cudaError_t e = cudaFuncGetAttributes(&fa, (const void *)k);
+                    if (e == cudaSuccess)
+                        e = cudaFuncSetAttribute((const void *)k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 max_smem - (int)fa.sharedSizeBytes);
+                    if (e != cudaSuccess) return e;
+                }
     return cudaSuccess;
 }
 
 extern "C" cudaError_t cuda_mm_launch(const struct mm_args *a, cudaStream_t s, int pdl)
 {
+    if (a->v2) {
+        mm_fn k = mm2_kernels[a->tma ? 1 : 0][a->kind][nt_index(a->nt)][a->r - 1];
+        return cu_launch(k, dim3(a->grid), dim3(32 * a->warps), (size_t)a->smem, s, pdl, *a);
+    }
     mm_fn k = mm_kernels[a->kind][nt_index(a->nt)][a->r - 1];
     return cu_launch(k, dim3(a->grid), dim3(32 * a->slices), (size_t)a->smem, s, pdl, *a);
 }
